@@ -1,0 +1,223 @@
+"""The `l2cluster` command line: validate and inspect specs and plugins, and train a spec's jobs in this process.
+
+User errors (a bad spec, a missing plugin, unreadable data) print the field and the fix — never a traceback —
+and exit with code 2. Results go to stdout, logs to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from l2cluster.data import DataError
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error caused by the input, printed as its message with exit code 2."""
+
+
+def _registry(args):
+    from l2cluster.registry import load_registry
+
+    dirs = list(args.plugin_dir or [])
+    env = os.environ.get("L2CLUSTER_PLUGIN_DIRS")
+    if env:
+        dirs += [d for d in env.split(os.pathsep) if d]
+    return load_registry(dirs)
+
+
+def _load(args, registry):
+    from l2cluster.spec import expand, load_spec
+
+    spec = load_spec(args.spec, registry)
+    jobs = expand(spec, registry, max_jobs=args.max_jobs)
+    return spec, jobs
+
+
+# -- commands -----------------------------------------------------------------------------------------------
+def cmd_validate(args) -> int:
+    registry = _registry(args)
+    spec, jobs = _load(args, registry)
+    variants = sorted({j.label for j in jobs if j.label})
+    seeds = spec.sweep.seeds or [spec.seed]
+    print(f"ok: {spec.name}: {len(jobs)} job(s)" + (f", variants {', '.join(variants)}" if variants else "")
+          + f", seeds {seeds}")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from l2cluster.spec import spec_models
+
+    schema = spec_models(_registry(args)).experiment.model_json_schema()
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def cmd_plugins_list(args) -> int:
+    registry = _registry(args)
+    rows = []
+    for p in registry.all():
+        status = p.status if p.status == "ok" else f"{p.status}: {p.reason}"
+        rows.append((p.name, p.origin, ",".join(p.hooks) or "-", status))
+    print(_table(("name", "origin", "hooks", "status"), rows))
+    return 0
+
+
+def cmd_plugins_show(args) -> int:
+    registry = _registry(args)
+    try:
+        info = registry.get(args.name)
+    except KeyError as e:
+        raise UserError(e.args[0]) from None
+    print(f"{info.name}  ({info.origin})")
+    doc = (info.cls.__doc__ or "").strip()
+    if doc:
+        print("\n".join("  " + line.strip() for line in doc.splitlines()))
+    print(f"hooks: {', '.join(info.hooks)}")
+    print("config:")
+    for fname, f in info.config_model.model_fields.items():
+        if fname == "name":
+            continue
+        default = "required" if f.is_required() else f"default {f.default!r}"
+        print(f"  {fname}: {_type_name(f.annotation)} ({default})")
+        if f.description:
+            print(f"      {f.description}")
+    if args.json:
+        print(json.dumps(info.config_model.model_json_schema(), indent=2))
+    return 0
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from l2cluster.data import load_mnist, split_mnist
+    from l2cluster.log import configure_logging, get_logger
+    from l2cluster.trainer import Trainer, resolve_device
+
+    configure_logging()
+    registry = _registry(args)
+    spec, jobs = _load(args, registry)
+    if args.limit:
+        jobs = jobs[: args.limit]
+    mnist = load_mnist(args.data_dir, download=not args.no_download)
+    splits_cache: dict[tuple, object] = {}
+    log = get_logger(experiment=spec.name)
+    log.info("experiment_started", jobs=len(jobs), torch_threads=torch.get_num_threads())
+    rows, t0 = [], time.perf_counter()
+    for n, job in enumerate(jobs, 1):
+        d = job.config.data
+        key = (d.val_size, d.split_seed, d.train_size)
+        if key not in splits_cache:
+            splits_cache[key] = split_mnist(mnist, val_size=d.val_size, seed=d.split_seed, train_size=d.train_size)
+        jlog = log.bind(job_id=job.id, job=f"{n}/{len(jobs)}")
+        try:
+            device = resolve_device(job.config.scaling.use_gpu) if args.device == "auto" else torch.device(args.device)
+            trainer = Trainer([job.config], splits_cache[key], registry, device=device)
+            jlog.info("job_started", label=job.label, seed=job.seed, overrides=job.overrides, device=str(device))
+
+            def on_epoch(epoch, metrics, jlog=jlog):
+                m = metrics[0]
+                if m:
+                    jlog.info("epoch_done", epoch=epoch, **{k: _round(v) for k, v in m.items() if k != "epoch"})
+
+            result = trainer.fit(on_epoch=on_epoch)[0]
+        except Exception as e:  # one crashing job must not take the others down
+            jlog.error("job_failed", error=f"{type(e).__name__}: {e}")
+            rows.append(_row(job, "failed", {}))
+            continue
+        event = jlog.info if result.outcome == "succeeded" else jlog.warning
+        event("job_finished", outcome=result.outcome, error=result.error,
+              **{k: _round(v) for k, v in result.final.items()})
+        rows.append(_row(job, result.outcome, result.final))
+    log.info("experiment_finished", jobs=len(jobs), wall_s=round(time.perf_counter() - t0, 2))
+    print(_table(("job", "variant", "settings", "seed", "outcome", "val_acc", "test_acc", "epochs", "train_s"), rows))
+    return 0 if all(r[4] != "failed" for r in rows) else 1
+
+
+def _round(v):
+    return round(v, 5) if isinstance(v, float) else v
+
+
+def _fmt(v, digits=4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _row(job, outcome: str, final: dict) -> tuple:
+    settings = " ".join(f"{k.split('.')[-1]}={v}" for k, v in job.overrides.items()) or "-"
+    return (job.id, job.label or "-", settings, job.seed, outcome, _fmt(final.get("val_acc")),
+            _fmt(final.get("test_acc")), _fmt(final.get("epochs_run")), _fmt(final.get("train_s"), 1))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -- parser -------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from l2cluster.spec import DEFAULT_MAX_JOBS
+
+    parser = argparse.ArgumentParser(prog="l2cluster", description=__doc__.splitlines()[0])
+    parser.add_argument("--plugin-dir", action="append", metavar="DIR",
+                        help="load regularizer plugins from DIR (repeatable; also L2CLUSTER_PLUGIN_DIRS)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def spec_command(name, fn, help):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("spec", help="job spec file (.yaml, .yml or .json)")
+        p.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS, help="refuse sweeps larger than this")
+        p.set_defaults(fn=fn)
+        return p
+
+    spec_command("validate", cmd_validate, "check a job spec and count its jobs")
+    p = sub.add_parser("schema", help="print the JSON Schema of job specs (with every loaded plugin's config)")
+    p.set_defaults(fn=cmd_schema)
+
+    plugins = sub.add_parser("plugins", help="list or show regularizer plugins")
+    psub = plugins.add_subparsers(dest="plugins_command", required=True)
+    psub.add_parser("list", help="name, origin, hooks and status of every plugin").set_defaults(fn=cmd_plugins_list)
+    p = psub.add_parser("show", help="a plugin's config fields with their docs")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="also print the config's JSON Schema")
+    p.set_defaults(fn=cmd_plugins_show)
+
+    p = spec_command("train", cmd_train, "train a spec's jobs one after another in this process (debugging path)")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (else L2CLUSTER_DATA, else the cache)")
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing MNIST files")
+    p.add_argument("--device", default="auto", help="auto (from the spec's scaling.use_gpu), cpu or cuda")
+    p.add_argument("--limit", type=int, default=0, help="run only the first N jobs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from l2cluster.plugin import PluginError
+    from l2cluster.spec import SpecError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SpecError as e:
+        print(e.render(), file=sys.stderr)
+    except (UserError, DataError, PluginError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The stacked MLP: K independent models of one architecture, trained as one module with batched matmuls.
+
+Parameters carry a leading model axis ([K, in, out] weights, [K, out] biases), inputs are [K, B, 784] and
+every model sees its own batch. K = 1 is an ordinary MLP and runs as plain matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
+
+
+class StackedLinear(nn.Module):
+    """K independent linear layers: y[k] = x[k] @ weight[k] + bias[k]."""
+
+    def __init__(self, num_models: int, in_features: int, out_features: int, *, dtype, device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_models, in_features, out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(num_models, out_features, dtype=dtype, device=device))
+
+    @torch.no_grad()
+    def reset_parameters(self, generators: Sequence[torch.Generator]) -> None:
+        """nn.Linear's default init, U(−1/√fan_in, 1/√fan_in) for weight and bias, one stream per model.
+
+        Drawn on the CPU and copied, so a seed gives the same model on every device and every DDP rank."""
+        fan_in = self.weight.shape[1]
+        bound = 1 / math.sqrt(fan_in)
+        for k, gen in enumerate(generators):
+            # Drawn as [out, in] like nn.Linear's weight, then transposed to our [in, out] layout.
+            w = torch.empty(self.weight.shape[2], fan_in, dtype=self.weight.dtype)
+            w.uniform_(-bound, bound, generator=gen)
+            b = torch.empty(self.bias.shape[1], dtype=self.bias.dtype).uniform_(-bound, bound, generator=gen)
+            self.weight[k].copy_(w.t())
+            self.bias[k].copy_(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:  # one model: a plain addmm is as fast as nn.Linear
+            return torch.addmm(self.bias[0], x[0], self.weight[0]).unsqueeze(0)
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+
+
+class StackedMLP(nn.Module):
+    """K MLPs 784 → hidden… → 10 with one activation function; `on_activation` transforms hidden outputs."""
+
+    def __init__(
+        self, num_models: int, hidden_sizes: Sequence[int], *, activation: str = "relu",
+        in_features: int = 784, num_classes: int = 10, dtype=torch.float32, device="cpu",
+    ):
+        super().__init__()
+        sizes = [in_features, *hidden_sizes, num_classes]
+        self.num_models = num_models
+        self.num_hidden = len(hidden_sizes)
+        self.act = ACTIVATIONS[activation]
+        self.layers = nn.ModuleList(
+            StackedLinear(num_models, a, b, dtype=dtype, device=device) for a, b in zip(sizes[:-1], sizes[1:])
+        )
+
+    def reset_parameters(self, seeds: Sequence[int]) -> None:
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        for layer in self.layers:
+            layer.reset_parameters(gens)
+
+    def forward(
+        self, x: torch.Tensor, on_activation: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """x: [K, B, 784] → logits [K, B, 10]."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < self.num_hidden:
+                x = self.act(x)
+                if on_activation is not None:
+                    x = on_activation(x, i)
+        return x

@@ -1,0 +1,267 @@
+"""Plugin discovery and registration: finds regularizers, checks each against the hook contract, refuses bad ones.
+
+Sources, in this order: the built-ins (the repo's `plugins/`, installed as `l2cluster.plugins`), the entry-point
+group `l2cluster.regularizers` of installed packages, and plugin directories named by the operator (daemon
+configuration or `--plugin-dir`). Never a path inside a job spec. A plugin that fails to import is listed as
+unavailable with its reason; a plugin that breaks the contract is refused with an error naming plugin, hook
+and argument; every other plugin still loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import pkgutil
+import re
+import sys
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, Field, create_model
+
+from l2cluster.plugin import HOOK_ARGS, HOOK_MARK, PluginError, Regularizer
+
+ENTRY_POINT_GROUP = "l2cluster.regularizers"
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+_HOOKISH_PREFIXES = ("on_", "before_", "after_")
+
+
+@dataclass
+class HookImpl:
+    """One validated hook of a plugin: the bound method and the arguments it takes."""
+
+    fn: Callable
+    args: tuple[str, ...]
+
+    def __call__(self, **offered):
+        return self.fn(**{a: offered[a] for a in self.args})
+
+
+@dataclass
+class PluginInfo:
+    """A plugin as the registry knows it: loaded and usable (status "ok"), refused, or unavailable."""
+
+    name: str
+    origin: str
+    status: Literal["ok", "refused", "unavailable"]
+    reason: str = ""
+    hooks: dict[str, HookImpl] = field(default_factory=dict)
+    config_model: type[BaseModel] | None = None
+    cls: type | None = None
+
+
+class Registry:
+    """The loaded regularizer plugins of one process."""
+
+    def __init__(self) -> None:
+        self._plugins: dict[str, PluginInfo] = {}
+        self.problems: list[PluginInfo] = []
+        self.spec_models = None  # the spec classes built from these plugins (l2cluster.spec caches them here)
+
+    # -- registration ---------------------------------------------------------------------------------------
+    def register(self, cls: object, origin: str) -> PluginInfo:
+        """Validate `cls` against the contract and add it; raises PluginError saying what to fix."""
+        name = getattr(cls, "name", None)
+        label = name if isinstance(name, str) and name else getattr(cls, "__name__", repr(cls))
+        if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
+            raise PluginError(label, f"{cls!r} is not a subclass of l2cluster.plugin.Regularizer")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise PluginError(
+                label, f"class attribute `name` must be a lower-case identifier such as 'l2', got {name!r}"
+            )
+        if name in self._plugins:
+            raise PluginError(
+                name, f"a plugin named {name!r} is already registered from {self._plugins[name].origin}; "
+                "rename one of them"
+            )
+        config_model = _check_config(name, cls)
+        hooks = _check_hooks(name, cls)
+        info = PluginInfo(name, origin, "ok", hooks=hooks, config_model=config_model, cls=cls)
+        self._plugins[name] = info
+        self.spec_models = None
+        return info
+
+    def add_problem(self, name: str, origin: str, status: Literal["refused", "unavailable"], reason: str) -> None:
+        self.problems.append(PluginInfo(name, origin, status, reason))
+
+    def register_or_record(self, cls: object, origin: str) -> None:
+        try:
+            self.register(cls, origin)
+        except PluginError as e:
+            self.add_problem(e.plugin, origin, "refused", str(e))
+
+    # -- lookup ---------------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._plugins)
+
+    def get(self, name: str) -> PluginInfo:
+        try:
+            return self._plugins[name]
+        except KeyError:
+            for p in self.problems:
+                if p.name == name:
+                    raise KeyError(f"plugin {name!r} is {p.status}: {p.reason}") from None
+            raise KeyError(f"no plugin named {name!r}; available: {', '.join(self.names) or 'none'}") from None
+
+    def all(self) -> list[PluginInfo]:
+        return [*self._plugins.values(), *self.problems]
+
+    def config_union(self):
+        """The type of one `regularizers` entry: the plugins' configs, discriminated by `name`."""
+        models = tuple(p.config_model for p in self._plugins.values())
+        if not models:
+            return None
+        if len(models) == 1:
+            return models[0]
+        return Annotated[Union[models], Field(discriminator="name")]  # noqa: UP007 (a runtime tuple)
+
+
+def _check_config(name: str, cls: type) -> type[BaseModel]:
+    config = cls.__dict__.get("Config", getattr(cls, "Config", None))
+    if config is None:
+        raise PluginError(name, "has no `Config`; add a nested pydantic model `class Config(BaseModel)`")
+    if not (isinstance(config, type) and issubclass(config, BaseModel)):
+        raise PluginError(name, f"`Config` must be a pydantic BaseModel subclass, got {config!r}")
+    if config.model_config.get("extra") != "forbid":
+        raise PluginError(
+            name, "`Config` must refuse unknown fields so typos in job specs fail loudly: "
+            "set model_config = ConfigDict(extra='forbid', use_attribute_docstrings=True)"
+        )
+    if "name" in config.model_fields:
+        raise PluginError(name, "`Config` must not define the field `name`: the registry adds it")
+    # The spec's regularizer entries are discriminated by `name`; the plugin's Config gets that field here.
+    return create_model(
+        f"{type_name(name)}Config",
+        __base__=config,
+        __doc__=(config.__doc__ or cls.__doc__ or "").strip() or None,
+        name=(Literal[name], Field(description=f"Selects the {name!r} regularizer.")),
+    )
+
+
+def type_name(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+def _check_hooks(name: str, cls: type) -> dict[str, HookImpl]:
+    instance = cls()
+    hooks: dict[str, HookImpl] = {}
+    for klass in reversed(cls.__mro__):
+        if klass in (object, Regularizer):
+            continue
+        for attr, value in vars(klass).items():
+            fn = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+            if not callable(fn) or attr.startswith("__") or attr == "Config":
+                continue
+            marked = getattr(fn, HOOK_MARK, False)
+            if attr not in HOOK_ARGS:
+                if marked or attr.startswith(_HOOKISH_PREFIXES) or attr == "penalty":
+                    raise PluginError(
+                        name, f"is not a known hook; hooks are {', '.join(HOOK_ARGS)}", hook=attr
+                    )
+                continue
+            hooks[attr] = _check_signature(name, attr, getattr(instance, attr))
+    if not hooks:
+        raise PluginError(name, f"implements no hook; implement at least one of {', '.join(HOOK_ARGS)}")
+    return hooks
+
+
+def _check_signature(name: str, hook: str, method: Callable) -> HookImpl:
+    allowed = HOOK_ARGS[hook]
+    args = []
+    for p in inspect.signature(method).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise PluginError(
+                name, f"takes *{p.name}; name the arguments it uses instead (any of {', '.join(allowed)})",
+                hook=hook, argument=p.name,
+            )
+        if p.name not in allowed:
+            raise PluginError(
+                name, f"the trainer does not offer this argument; {hook} can take {', '.join(allowed)}",
+                hook=hook, argument=p.name,
+            )
+        args.append(p.name)
+    return HookImpl(method, tuple(args))
+
+
+# -- discovery ----------------------------------------------------------------------------------------------
+def _classes_in(module) -> list[type]:
+    return [
+        obj for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, Regularizer) and obj is not Regularizer
+        and obj.__module__ == module.__name__
+    ]
+
+
+def _import_error(e: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(e), e)).strip()
+
+
+def load_builtins(registry: Registry) -> None:
+    import l2cluster.plugins as builtins
+
+    for mod in pkgutil.iter_modules(builtins.__path__):
+        if mod.name.startswith("_"):
+            continue
+        origin = f"builtin ({builtins.__name__}.{mod.name})"
+        try:
+            module = importlib.import_module(f"{builtins.__name__}.{mod.name}")
+        except Exception as e:  # a broken built-in must not take the others down
+            registry.add_problem(mod.name, origin, "unavailable", f"import failed: {_import_error(e)}")
+            continue
+        for cls in _classes_in(module):
+            registry.register_or_record(cls, origin)
+
+
+def load_entry_points(registry: Registry) -> None:
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        origin = f"entry point {ep.value}" + (f" (package {dist.name})" if dist else "")
+        try:
+            cls = ep.load()
+        except Exception as e:
+            registry.add_problem(ep.name, origin, "unavailable", f"import failed: {_import_error(e)}")
+            continue
+        registry.register_or_record(cls, origin)
+
+
+def load_directory(registry: Registry, directory: str | Path) -> None:
+    """Load every `*.py` file of an operator-named plugin directory as its own module."""
+    directory = Path(directory).expanduser().resolve()
+    if not directory.is_dir():
+        registry.add_problem(str(directory), f"directory {directory}", "unavailable", "directory does not exist")
+        return
+    tag = hashlib.sha1(str(directory).encode()).hexdigest()[:8]
+    for path in sorted(directory.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        origin = f"directory {path}"
+        module_name = f"l2cluster_plugindir_{tag}_{path.stem}"
+        try:
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+        except Exception as e:
+            sys.modules.pop(module_name, None)
+            registry.add_problem(path.stem, origin, "unavailable", f"import failed: {_import_error(e)}")
+            continue
+        for cls in _classes_in(module):
+            registry.register_or_record(cls, origin)
+
+
+def load_registry(plugin_dirs: Iterable[str | Path] = (), *, use_entry_points: bool = True) -> Registry:
+    """Discover and register every plugin: built-ins, then entry points, then the given directories."""
+    registry = Registry()
+    load_builtins(registry)
+    if use_entry_points:
+        load_entry_points(registry)
+    for d in plugin_dirs:
+        load_directory(registry, d)
+    return registry

@@ -1,0 +1,522 @@
+"""Job specs: the pydantic models of an experiment, loading them from YAML/JSON, and sweep expansion into jobs.
+
+An experiment spec is a training config (model, data, optimizer, schedule, epochs, seed, regularizers, scaling)
+plus a name and a `sweep`. Expansion turns it into concrete jobs: the union of its variants, each the product
+of its grid, times the seeds. Each job gets a stable id, a hash of the experiment name and its resolved config
+(seed included), so resubmitting the same spec gives the same ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from l2cluster.registry import Registry
+
+DEFAULT_MAX_JOBS = 10_000
+NUM_PIXELS, NUM_CLASSES = 784, 10
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelConfig(_Strict):
+    """The MLP: 784 inputs, the hidden layers below, 10 outputs."""
+
+    hidden_sizes: list[Annotated[int, Field(ge=1, le=65536)]] = Field([512, 256, 128], min_length=1, max_length=16)
+    """Widths of the hidden layers (the reference is 784-512-256-128-10)."""
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    """Nonlinearity after every hidden layer."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Parameter and compute dtype; float64 is for exactness tests."""
+
+
+class DataConfig(_Strict):
+    """How MNIST is split and batched."""
+
+    batch_size: int = Field(64, ge=1, le=60000)
+    """Global batch size: one optimizer step sees this many examples, split across the DDP ranks."""
+    val_size: int = Field(5000, ge=1, le=59999)
+    """Examples held out of the 60k training images for validation (LR decisions, model selection)."""
+    train_size: int | None = Field(None, ge=1, le=59999)
+    """Use only this many of the remaining training examples (quick runs); default: all of them."""
+    split_seed: int = Field(0, ge=0)
+    """Seed of the validation split: the same for every job of a sweep, so all are judged on the same data."""
+
+
+class _Optimizer(_Strict):
+    lr: float = Field(1e-3, gt=0, le=10)
+    """Learning rate (before the schedule)."""
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    """The optimizer's own weight decay; 0 unless set here (AdamW's library default of 1e-2 never applies)."""
+
+
+class SGDConfig(_Optimizer):
+    """torch.optim.SGD."""
+
+    name: Literal["sgd"]
+    lr: float = Field(0.01, gt=0, le=10)
+    """Learning rate (before the schedule)."""
+    momentum: float = Field(0.0, ge=0, lt=1)
+    """Momentum factor."""
+    nesterov: bool = False
+    """Nesterov momentum (needs momentum > 0)."""
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self):
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov: true needs momentum > 0; set optimizer.momentum (e.g. 0.9)")
+        return self
+
+
+class AdamConfig(_Optimizer):
+    """torch.optim.Adam; its weight_decay is an L2 term folded into the gradient (coupled)."""
+
+    name: Literal["adam"]
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    """Decay rates of the first and second moment estimates."""
+    eps: float = Field(1e-8, gt=0)
+    """Added to the denominator for numerical stability."""
+
+
+class AdamWConfig(AdamConfig):
+    """torch.optim.AdamW; its weight_decay is decoupled (Loshchilov & Hutter) and defaults to 0 here."""
+
+    name: Literal["adamw"]
+
+
+class ConstantSchedule(_Strict):
+    """The learning rate stays at optimizer.lr."""
+
+    name: Literal["constant"] = "constant"
+
+
+class StepSchedule(_Strict):
+    """Multiply the learning rate by gamma every step_size epochs."""
+
+    name: Literal["step"]
+    step_size: int = Field(ge=1)
+    """Epochs between decays."""
+    gamma: float = Field(0.1, gt=0, le=1)
+    """Decay factor."""
+
+
+class CosineSchedule(_Strict):
+    """Cosine annealing from optimizer.lr to min_lr over t_max epochs."""
+
+    name: Literal["cosine"]
+    t_max: int | None = Field(None, ge=1)
+    """Epochs of one half cosine; default: the job's epochs."""
+    min_lr: float = Field(0.0, ge=0)
+    """Learning rate at the end of the cosine."""
+
+
+class PlateauSchedule(_Strict):
+    """Reduce the learning rate when the *validation* loss stops improving (never the test loss)."""
+
+    name: Literal["plateau"]
+    factor: float = Field(0.1, gt=0, lt=1)
+    """Multiply the learning rate by this on a plateau."""
+    patience: int = Field(2, ge=0)
+    """Epochs without improvement before reducing."""
+    threshold: float = Field(1e-4, ge=0)
+    """Relative improvement in validation loss that counts as improvement."""
+    min_lr: float = Field(0.0, ge=0)
+    """Lower bound on the learning rate."""
+
+
+OptimizerConfig = Annotated[SGDConfig | AdamConfig | AdamWConfig, Field(discriminator="name")]
+ScheduleConfig = Annotated[
+    ConstantSchedule | StepSchedule | CosineSchedule | PlateauSchedule, Field(discriminator="name")
+]
+
+
+class ScalingConfig(_Strict):
+    """Where a job runs: DDP ranks and the resources each takes (used by the daemon)."""
+
+    num_workers: int = Field(1, ge=1, le=1024)
+    """DDP ranks of one job; each takes a shard of every global batch."""
+    use_gpu: Literal["auto"] | bool = "auto"
+    """true: needs a GPU; false: CPU only; "auto": a GPU when there is one."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPU cores reserved per rank (the worker's torch uses one thread per reserved core)."""
+    gpus_per_worker: float = Field(1.0, gt=0)
+    """GPUs reserved per rank when on GPU; fractions are allowed only for single-rank jobs (NCCL refuses two
+    ranks on one GPU)."""
+
+    @model_validator(mode="after")
+    def _fractional_gpus(self):
+        if self.gpus_per_worker < 1 and self.num_workers > 1:
+            raise ValueError(
+                f"gpus_per_worker={self.gpus_per_worker} with num_workers={self.num_workers}: NCCL refuses two "
+                "ranks on one GPU; use gpus_per_worker: 1 or num_workers: 1"
+            )
+        if self.gpus_per_worker > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ValueError("gpus_per_worker above 1 must be a whole number")
+        return self
+
+
+class Variant(_Strict):
+    """One branch of a sweep: settings applied to the base spec, then its own grid."""
+
+    label: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
+    """Short name shown in results (e.g. "l2")."""
+    set: dict[str, Any] = {}
+    """Dotted path → value, applied to the base spec (e.g. {regularizers: [{name: l2}]})."""
+    grid: dict[str, list[Any]] = {}
+    """Dotted path → values; the variant runs every combination (with the sweep's common grid)."""
+
+
+class SweepConfig(_Strict):
+    """Which jobs an experiment runs: (union of variants) × (product of grids) × seeds."""
+
+    seeds: list[int] | None = Field(None, min_length=1, max_length=1000)
+    """Seeds to run every configuration with; default: just the spec's `seed`."""
+    grid: dict[str, list[Any]] = {}
+    """Dotted path → values, e.g. {"optimizer.lr": [1e-3, 3e-3], "regularizers.l2.strength": [1e-4, 1e-3]}."""
+    variants: list[Variant] = []
+    """Alternatives to compare (e.g. one per regularizer); empty: the base spec is the only variant."""
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v):
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct; remove the repeated ones")
+        return v
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, v):
+        for path, values in v.items():
+            if not values:
+                raise ValueError(f"grid entry {path!r} has no values; give at least one or remove it")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_labels(self):
+        labels = [v.label for v in self.variants]
+        if len(set(labels)) != len(labels):
+            raise ValueError("variant labels must be distinct")
+        for v in self.variants:
+            for path, values in v.grid.items():
+                if not values:
+                    raise ValueError(f"variant {v.label!r}: grid entry {path!r} has no values")
+        return self
+
+
+def _check_train_config(cfg):
+    names = [r.name for r in cfg.regularizers]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"regularizers: {dupes} listed more than once; give each regularizer once")
+    decay_plugins = [n for n in names if n in ("l2", "decoupled_decay")]
+    if cfg.optimizer.weight_decay > 0 and decay_plugins:
+        raise ValueError(
+            f"optimizer.weight_decay={cfg.optimizer.weight_decay} together with regularizer "
+            f"{decay_plugins[0]!r} decays the weights twice; set optimizer.weight_decay: 0 "
+            f"or remove {decay_plugins[0]!r}"
+        )
+    if cfg.data.train_size is not None and cfg.data.train_size + cfg.data.val_size > 60000:
+        raise ValueError(
+            f"data.train_size + data.val_size = {cfg.data.train_size + cfg.data.val_size} exceeds the 60000 "
+            "MNIST training images; lower one of them"
+        )
+    if cfg.data.batch_size < cfg.scaling.num_workers:
+        raise ValueError(
+            f"data.batch_size={cfg.data.batch_size} is smaller than scaling.num_workers="
+            f"{cfg.scaling.num_workers}: every rank needs at least one example per step"
+        )
+    return cfg
+
+
+@dataclass(frozen=True)
+class SpecModels:
+    """The spec classes for one registry (their regularizer entries are that registry's plugin configs)."""
+
+    train: type[BaseModel]
+    experiment: type[BaseModel]
+
+
+def _build_models(union) -> SpecModels:
+    reg_type = list[union] if union is not None else list[dict]  # no plugins: any entry is refused below
+    fields = dict(
+        model=(ModelConfig, Field(default_factory=ModelConfig, description="The MLP.")),
+        data=(DataConfig, Field(default_factory=DataConfig, description="Splits and batch size.")),
+        optimizer=(OptimizerConfig, Field(description="sgd, adam or adamw; name it explicitly.")),
+        schedule=(ScheduleConfig, Field(default_factory=ConstantSchedule, description="Learning-rate schedule.")),
+        epochs=(int, Field(10, ge=1, le=10000, description="Passes over the training split.")),
+        seed=(int, Field(0, ge=0, description="Seed of initialisation, batch order and dropout.")),
+        regularizers=(reg_type, Field(default_factory=list, description="Regularizer plugins, by `name`.")),
+        scaling=(ScalingConfig, Field(default_factory=ScalingConfig, description="DDP ranks and resources.")),
+    )
+    validators = {"_cross_field": model_validator(mode="after")(_check_train_config)}
+    train = create_model(
+        "TrainConfig", __config__=ConfigDict(extra="forbid"), __validators__=validators,
+        __doc__="Everything one training run needs.", **fields,
+    )
+    experiment = create_model(
+        "ExperimentSpec", __base__=train, __doc__="An l2cluster job spec: a training config, a name and a sweep.",
+        name=(str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                         description="Experiment name (letters, digits, '_', '.', '-'); part of every job id.")),
+        description=(str, Field("", max_length=2000, description="Free text shown with results.")),
+        sweep=(SweepConfig, Field(default_factory=SweepConfig, description="Grid × seeds to run.")),
+    )
+    return SpecModels(train, experiment)
+
+
+def spec_models(registry: Registry) -> SpecModels:
+    """The spec classes for this registry, built once per registry."""
+    if registry.spec_models is None:
+        registry.spec_models = _build_models(registry.config_union())
+    return registry.spec_models
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Issue:
+    path: str
+    message: str
+
+
+class SpecError(ValueError):
+    """A spec was refused; carries one Issue (field path + how to fix) per problem."""
+
+    def __init__(self, source: str, issues: Sequence[Issue]):
+        self.source, self.issues = source, list(issues)
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.source}: invalid job spec ({len(self.issues)} problem{'s' * (len(self.issues) != 1)})"]
+        for i in self.issues:
+            lines.append(f"  {i.path or '(top level)'}")
+            lines.append(f"    {i.message}")
+        return "\n".join(lines)
+
+    def __reduce__(self):
+        return (type(self), (self.source, self.issues))
+
+
+def _loc(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _hint(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown field; remove it or check its spelling"
+    if kind == "missing":
+        return "required field is missing; add it"
+    if kind == "union_tag_invalid":
+        return f"{msg}; use one of those names"
+    if kind == "union_tag_not_found":
+        return f"{msg}; add `name:` to say which one this is"
+    return msg.removeprefix("Value error, ")
+
+
+_STATIC_TAGS = frozenset({"sgd", "adam", "adamw", "constant", "step", "cosine", "plateau"})
+
+
+def issues_from(err: ValidationError, tags: frozenset[str] = _STATIC_TAGS, prefix: str = "") -> list[Issue]:
+    """One Issue per pydantic error, with the path as written in the spec."""
+    out = []
+    for e in err.errors(include_url=False):
+        clean: list[Any] = []
+        skipped_at = -1
+        for part in e["loc"]:
+            prev = clean[-1] if clean else None
+            in_union = prev in ("optimizer", "schedule") or (
+                isinstance(prev, int) and len(clean) >= 2 and clean[-2] == "regularizers")
+            # pydantic puts the tag of a tagged union in the location (optimizer.adamw.lr,
+            # regularizers[0].l2.strength); drop it so paths read as they are written in the spec.
+            if in_union and part in tags and skipped_at != len(clean):
+                skipped_at = len(clean)
+                continue
+            clean.append(part)
+        path = _loc(clean)
+        sep = "." if prefix and path and not path.startswith("[") else ""
+        out.append(Issue(f"{prefix}{sep}{path}", _hint(e)))
+    return out
+
+
+def union_tags(registry: Registry) -> frozenset[str]:
+    return _STATIC_TAGS | (frozenset(registry.names) if len(registry.names) > 1 else frozenset())
+
+
+# -- loading ------------------------------------------------------------------------------------------------
+def read_spec_file(path: str | Path) -> dict:
+    """Parse a YAML or JSON spec file into a dict; SpecError (with line and column) when it cannot be read."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(str(path), [Issue("", f"cannot read the file: {e.strerror}")]) from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(str(path), [Issue("", f"line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}")]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(str(path), [Issue("", f"{where}not valid YAML: {problem}")]) from None
+    if not isinstance(data, dict):
+        raise SpecError(str(path), [Issue("", "the file must hold a mapping (name:, optimizer:, …) at the top")])
+    return data
+
+
+def parse_spec(data: dict, registry: Registry, source: str = "<spec>"):
+    """Validate a spec dict into an ExperimentSpec; raises SpecError naming every bad field."""
+    try:
+        return spec_models(registry).experiment.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(source, issues_from(e, union_tags(registry))) from None
+
+
+def load_spec(path: str | Path, registry: Registry):
+    return parse_spec(read_spec_file(path), registry, source=str(path))
+
+
+# -- sweep expansion ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """One concrete training run of an experiment."""
+
+    id: str
+    experiment: str
+    label: str
+    overrides: dict[str, Any]
+    seed: int
+    config: Any  # TrainConfig
+
+    @property
+    def group(self) -> str:
+        """Hash of the config without the seed: the jobs that differ only by seed share it."""
+        cfg = self.config.model_dump(mode="json")
+        cfg.pop("seed")
+        return _digest({"experiment": self.experiment, "config": cfg})
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+class PathError(ValueError):
+    pass
+
+
+def set_path(cfg: dict, path: str, value: Any) -> None:
+    """Set a dotted path in a resolved config dict. List items are addressed by index or, for regularizers,
+    by plugin name (`regularizers.l2.strength`)."""
+    parts = path.split(".")
+    if parts[0] in ("seed",):
+        raise PathError("the seed is swept with sweep.seeds, not the grid")
+    if parts[0] in ("name", "description", "sweep"):
+        raise PathError(f"{parts[0]!r} cannot be swept; sweep paths point into the training config")
+    node: Any = cfg
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[:i]) or "the spec"
+        if isinstance(node, list):
+            if part.isdigit():
+                idx = int(part)
+                if idx >= len(node):
+                    raise PathError(f"{where} has {len(node)} entries; index {idx} is out of range")
+            else:
+                matches = [j for j, item in enumerate(node) if isinstance(item, dict) and item.get("name") == part]
+                if not matches:
+                    names = [item.get("name") for item in node if isinstance(item, dict)]
+                    raise PathError(
+                        f"{where} has no entry named {part!r} (it has {names or 'none'}); add "
+                        f"{{name: {part}}} to {where} (or to the variant's `set`) before sweeping it"
+                    )
+                idx = matches[0]
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value  # unknown fields are refused when the resolved config is validated
+            elif part not in node:
+                raise PathError(f"{where} has no field {part!r}; fields: {', '.join(node)}")
+            else:
+                node = node[part]
+        else:
+            raise PathError(f"{where} is a value, not a section; {path!r} goes too deep")
+
+
+def count_jobs(spec) -> int:
+    seeds = len(spec.sweep.seeds or [spec.seed])
+    variants = spec.sweep.variants or [Variant(label="base")]
+    total = 0
+    for v in variants:
+        grid = {**spec.sweep.grid, **v.grid}
+        total += math.prod(len(vals) for vals in grid.values())
+    return total * seeds
+
+
+def expand(spec, registry: Registry, *, max_jobs: int = DEFAULT_MAX_JOBS) -> list[Job]:
+    """Expand an ExperimentSpec into its jobs, each validated; SpecError names the sweep entry at fault."""
+    n = count_jobs(spec)
+    if n > max_jobs:
+        raise SpecError(spec.name, [Issue(
+            "sweep", f"expands to {n} jobs, more than the limit of {max_jobs}; shrink the grid or seeds, "
+            "or raise the limit (--max-jobs)")])
+    train_model = spec_models(registry).train
+    base = spec.model_dump(mode="json", exclude={"name", "description", "sweep"})
+    seeds = spec.sweep.seeds or [spec.seed]
+    variants = list(enumerate(spec.sweep.variants)) or [(None, Variant(label="base"))]
+    jobs: list[Job] = []
+    seen: set[str] = set()
+    for vi, variant in variants:
+        where = f"sweep.variants[{vi}]" if vi is not None else "sweep"
+        cfg0 = copy.deepcopy(base)
+        for path, value in variant.set.items():
+            try:
+                set_path(cfg0, path, copy.deepcopy(value))
+            except PathError as e:
+                raise SpecError(spec.name, [Issue(f"{where}.set.{path}", str(e))]) from None
+        grid = {**spec.sweep.grid, **variant.grid}
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            overrides = dict(zip(keys, combo))
+            cfg = copy.deepcopy(cfg0)
+            for path, value in overrides.items():
+                try:
+                    set_path(cfg, path, copy.deepcopy(value))
+                except PathError as e:
+                    section = "sweep.grid" if path in spec.sweep.grid else f"{where}.grid"
+                    raise SpecError(spec.name, [Issue(f"{section}.{path}", str(e))]) from None
+            for seed in seeds:
+                cfg["seed"] = seed
+                try:
+                    config = train_model.model_validate(cfg)
+                except ValidationError as e:
+                    setting = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "no grid values"
+                    issues = [Issue(i.path, f"{i.message} (in {where} with {setting})")
+                              for i in issues_from(e, union_tags(registry))]
+                    raise SpecError(spec.name, issues) from None
+                job_id = _digest({"experiment": spec.name, "config": config.model_dump(mode="json")})
+                if job_id in seen:
+                    continue  # two grid points that resolve to the same config run once
+                seen.add(job_id)
+                label = variant.label if vi is not None else ""
+                jobs.append(Job(job_id, spec.name, label, overrides, seed, config))
+    return jobs

@@ -1,0 +1,406 @@
+"""The trainer: trains K stacked jobs (K = 1 for an ordinary job) on MNIST tensors, calling the plugin hooks.
+
+Plain PyTorch — it never imports ray. Data lives as tensors on the training device; each step gathers a batch
+by index from a per-epoch permutation derived from the job seed (no per-sample DataLoader). Works inside an
+initialised torch.distributed process group: every rank draws the same global batch and takes its shard.
+
+One step:  forward (on_activation) → loss + penalty → backward → all-reduce (DDP) → on_gradients
+           → before_step → optimizer step → after_step
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from l2cluster.data import Splits
+from l2cluster.model import StackedMLP
+from l2cluster.plugin import HookError, HyperParams, StackedRNG
+from l2cluster.registry import PluginInfo, Registry
+
+_EVAL_CHUNK = 8192
+_NONFINITE_CHECK_EVERY = 50  # steps between divergence checks in one process (each check is a device sync)
+
+
+@dataclass
+class RunResult:
+    """What one job's training produced: per-epoch metrics and the final numbers."""
+
+    outcome: str  # "succeeded" | "diverged" | "failed"
+    epochs: list[dict] = field(default_factory=list)
+    final: dict = field(default_factory=dict)
+    diverged_epoch: int | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def derive_seed(seed: int, purpose: str, rank: int = 0) -> int:
+    """Independent 63-bit seeds for initialisation, batch order and dropout, from one job seed."""
+    digest = hashlib.sha256(f"{seed}:{purpose}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def resolve_device(use_gpu: str | bool) -> torch.device:
+    if use_gpu == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if use_gpu:
+        if not torch.cuda.is_available():
+            raise ValueError("scaling.use_gpu is true but no CUDA GPU is visible; set use_gpu: auto or false")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pack_key(config) -> str:
+    """Jobs with equal keys can be trained stacked: they differ only in seed and numeric plugin settings."""
+    d = config.model_dump(mode="json")
+    d.pop("seed")
+    d["regularizers"] = [
+        {k: v for k, v in r.items() if k == "name" or not _numeric(v)} for r in d["regularizers"]
+    ]
+    return hashlib.sha256(repr(sorted(d.items())).encode()).hexdigest()[:16]
+
+
+def _numeric(v) -> bool:
+    is_num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    return is_num(v) or (isinstance(v, list) and all(is_num(x) for x in v))
+
+
+class Trainer:
+    """Trains `configs` (TrainConfigs that share a pack_key) as one stacked model."""
+
+    def __init__(self, configs: Sequence, splits: Splits, registry: Registry, *,
+                 device: torch.device | str | None = None):
+        if not configs:
+            raise ValueError("Trainer needs at least one config")
+        keys = {pack_key(c) for c in configs}
+        if len(keys) != 1:
+            raise ValueError("configs trained together must differ only in seed and numeric regularizer settings")
+        self.configs = list(configs)
+        self.K = K = len(configs)
+        cfg = self.cfg = configs[0]
+        if K > 1 and cfg.schedule.name == "plateau":
+            raise ValueError("a plateau schedule follows one model's validation loss; train such jobs one at a time")
+        self.device = torch.device(device) if device is not None else resolve_device(cfg.scaling.use_gpu)
+        self.dtype = torch.float64 if cfg.model.dtype == "float64" else torch.float32
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+
+        self.train_x, self.train_y = self._features(splits.train_images), self._labels(splits.train_labels)
+        self.val_x, self.val_y = self._features(splits.val_images), self._labels(splits.val_labels)
+        self.test_x, self.test_y = self._features(splits.test_images), self._labels(splits.test_labels)
+
+        seeds = [c.seed for c in configs]
+        self.model = StackedMLP(K, cfg.model.hidden_sizes, activation=cfg.model.activation,
+                                dtype=self.dtype, device=self.device)
+        self.model.reset_parameters([derive_seed(s, "init") for s in seeds])
+        self.params: dict[str, torch.nn.Parameter] = dict(self.model.named_parameters())
+        # Every rank draws the same permutation (the global batch), then takes its shard.
+        self.order_gens = [torch.Generator().manual_seed(derive_seed(s, "order")) for s in seeds]
+        self.rng = StackedRNG([derive_seed(s, "dropout", self.rank) for s in seeds], self.device)
+        self.optimizer = build_optimizer(cfg.optimizer, list(self.params.values()))
+        self.scheduler = build_scheduler(cfg.schedule, self.optimizer, cfg.epochs)
+
+        self.plugins: list[tuple[PluginInfo, HyperParams]] = []
+        for i, reg in enumerate(cfg.regularizers):
+            info = registry.get(reg.name)
+            try:
+                hp = HyperParams([c.regularizers[i] for c in configs], dtype=self.dtype, device=self.device)
+            except ValueError as e:
+                raise ValueError(f"regularizers[{i}] ({reg.name}): {e}") from None
+            self.plugins.append((info, hp))
+        self._with = {h: [(i, hp) for i, hp in self.plugins if h in i.hooks]
+                      for h in ("penalty", "on_activation", "on_gradients", "before_step", "after_step")}
+        self.step_count = 0
+
+    # -- set-up helpers -------------------------------------------------------------------------------------
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        # ToTensor's scaling: pixels / 255 in [0, 1], flattened to 784 (the article's loop forgot to flatten).
+        return images.reshape(len(images), -1).to(self.device).to(self.dtype).div_(255)
+
+    def _labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels.to(device=self.device, dtype=torch.long)
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def _call(self, info: PluginInfo, hook: str, **offered):
+        try:
+            return info.hooks[hook](**offered)
+        except HookError:
+            raise
+        except Exception as e:
+            raise HookError(info.name, hook, f"{type(e).__name__}: {e}") from e
+
+    def _activation(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        for info, hp in self._with["on_activation"]:
+            out = self._call(info, "on_activation", x=x, layer=layer, num_layers=self.model.num_hidden,
+                             hp=hp, rng=self.rng)
+            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                raise HookError(info.name, "on_activation",
+                                f"returned {_describe(out)}; expected a tensor of shape {tuple(x.shape)}")
+            x = out
+        return x
+
+    def _penalty(self, epoch: int) -> torch.Tensor | None:
+        total = None
+        for info, hp in self._with["penalty"]:
+            out = self._call(info, "penalty", params=self.params, hp=hp, epoch=epoch, step=self.step_count)
+            if not isinstance(out, torch.Tensor) or out.shape != (self.K,):
+                raise HookError(info.name, "penalty",
+                                f"returned {_describe(out)}; expected a tensor of shape ({self.K},), one per model")
+            total = out if total is None else total + out
+        return total
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def fit(self, on_epoch: Callable[[int, list[dict]], None] | None = None) -> list[RunResult]:
+        """Train every model for the configured epochs; returns one RunResult per model.
+
+        A plugin hook that raises fails every model of the stack (outcome "failed", the plugin's message);
+        a non-finite loss ends that model with outcome "diverged" and the epoch it happened."""
+        results = [RunResult("running") for _ in range(self.K)]
+        try:
+            self._fit(results, on_epoch)
+        except HookError as e:
+            for r in results:
+                r.outcome, r.error = "failed", str(e)
+            return results
+        for r in results:
+            if r.outcome == "running":
+                r.outcome = "succeeded"
+        return results
+
+    def _fit(self, results: list[RunResult], on_epoch) -> None:
+        cfg, K, dev = self.cfg, self.K, self.device
+        n, batch = len(self.train_y), cfg.data.batch_size
+        num_steps = math.ceil(n / batch)
+        alive = torch.ones(K, dtype=torch.bool)
+        best = [(-1.0, 0)] * K
+        t_start = time.perf_counter()
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            steps_before = self.step_count
+            self.model.train()
+            order = torch.stack([torch.randperm(n, generator=g) for g in self.order_gens]).to(dev)
+            lr = self.optimizer.param_groups[0]["lr"]
+            lr_k = torch.full((K,), lr, dtype=self.dtype, device=dev)
+            # Per-model sums, kept on the device so the loop never waits for it:
+            # rows = CE loss sum, correct, objective (loss + penalty) sum, grad-norm sum.
+            sums = torch.zeros(4, K, dtype=torch.float64, device=dev)
+            counters: dict[str, torch.Tensor] = {k: torch.zeros(K, dtype=torch.float64, device=dev)
+                                                 for k in ("clipped", "skipped")}
+            for s in range(num_steps):
+                global_idx = order[:, s * batch:(s + 1) * batch]
+                # DDP: each rank takes every world-th example of the global batch.
+                idx = global_idx[:, self.rank::self.world] if self.world > 1 else global_idx
+                self._step(self.train_x[idx], self.train_y[idx], global_idx.shape[1], epoch, lr_k, sums, counters)
+                check = self.world == 1 and s % _NONFINITE_CHECK_EVERY == _NONFINITE_CHECK_EVERY - 1
+                if check and not bool(torch.isfinite(sums[2].cpu())[alive].any()):
+                    break  # every live model has diverged: no point finishing the epoch
+            if self.distributed:
+                # One collective for the epoch's metrics. Grad norms and hook counters need none: every rank
+                # saw the same all-reduced gradients.
+                dist.all_reduce(sums[:3])
+            val_loss, val_acc = self.evaluate(self.val_x, self.val_y)
+            epoch_s = time.perf_counter() - t0
+            sums_cpu, counts = sums.cpu(), {k: v.cpu() for k, v in counters.items()}
+            wnorm = self.weight_norms().cpu()
+            epoch_metrics: list[dict] = []
+            for k in range(K):
+                if not alive[k]:
+                    epoch_metrics.append({})
+                    continue
+                m = {
+                    "epoch": epoch,
+                    "train_loss": float(sums_cpu[0, k] / n),
+                    "train_acc": float(sums_cpu[1, k] / n),
+                    "val_loss": float(val_loss[k]),
+                    "val_acc": float(val_acc[k]),
+                    "lr": lr,
+                    "weight_norm": float(wnorm[k]),
+                    "grad_norm": float(sums_cpu[3, k] / max(1, self.step_count - steps_before)),
+                    "clipped_steps": int(counts["clipped"][k]),
+                    "skipped_steps": int(counts["skipped"][k]),
+                    **{f"{key}_steps": int(v[k]) for key, v in counts.items() if key not in ("clipped", "skipped")},
+                    "epoch_s": epoch_s,
+                }
+                results[k].epochs.append(m)
+                finite = math.isfinite(float(sums_cpu[2, k])) and math.isfinite(m["val_loss"])
+                if not finite:
+                    alive[k] = False
+                    results[k].outcome, results[k].diverged_epoch = "diverged", epoch
+                    results[k].error = f"loss became non-finite in epoch {epoch}"
+                elif m["val_acc"] > best[k][0]:
+                    best[k] = (m["val_acc"], epoch)
+                epoch_metrics.append(m)
+            if on_epoch is not None:
+                on_epoch(epoch, epoch_metrics)
+            if not alive.any():
+                break
+            self._schedule(val_loss, alive)
+        test_loss, test_acc = self.evaluate(self.test_x, self.test_y)
+        train_s = time.perf_counter() - t_start
+        for k in range(K):
+            r = results[k]
+            last = r.epochs[-1] if r.epochs else {}
+            r.final = {key: last.get(key) for key in ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")}
+            r.final.update(best_val_acc=best[k][0] if best[k][1] else None, best_epoch=best[k][1] or None,
+                           epochs_run=len(r.epochs), train_s=train_s)
+            if alive[k]:
+                r.final.update(test_loss=float(test_loss[k]), test_acc=float(test_acc[k]))
+            else:
+                r.final.update(test_loss=None, test_acc=None)
+
+    def _step(self, x, y, global_batch: int, epoch: int, lr_k, sums, counters) -> None:
+        K = self.K
+        logits = self.model(x, self._activation if self._with["on_activation"] else None)
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(K, -1)
+        # Sum over this rank's shard / global batch size: summed over ranks this is the global-batch mean,
+        # exact even when the last batch does not split evenly.
+        loss = ce.sum(1) / global_batch
+        penalty = self._penalty(epoch)
+        if penalty is not None:
+            loss = loss + penalty / self.world  # the ranks' all-reduce sums it back to one penalty
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()  # models are independent: d(Σ_k loss_k)/dθ_k = d loss_k/dθ_k
+        if self.distributed:
+            self._all_reduce_grads()
+        grads = [p.grad for p in self.params.values()]
+        with torch.no_grad():
+            gnorm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]), dim=0)
+            skip = None
+            for info, hp in self._with["on_gradients"]:
+                out = self._call(info, "on_gradients", params=self.params, hp=hp, epoch=epoch, step=self.step_count)
+                for key, value in (out or {}).items():
+                    if not isinstance(value, torch.Tensor) or value.shape != (K,):
+                        raise HookError(info.name, "on_gradients",
+                                        f"returned {key!r}: {_describe(value)}; expected shape ({K},)")
+                    if key == "skip":
+                        skip = value.bool() if skip is None else skip | value.bool()
+                    else:
+                        counters.setdefault(key, torch.zeros(K, dtype=torch.float64, device=self.device))
+                        counters[key] += value.to(torch.float64)
+            snapshot = None
+            if skip is not None:
+                counters["skipped"] += skip.to(torch.float64)
+                if bool(skip.all()):
+                    self._after_step_bookkeeping(sums, ce, logits, y, loss, gnorm)
+                    return
+                if bool(skip.any()):
+                    snapshot = self._snapshot(skip)
+            for info, hp in self._with["before_step"]:
+                self._call(info, "before_step", params=self.params, hp=hp, lr=lr_k, epoch=epoch, step=self.step_count)
+        self.optimizer.step()
+        with torch.no_grad():
+            for info, hp in self._with["after_step"]:
+                self._call(info, "after_step", params=self.params, hp=hp, lr=lr_k, epoch=epoch, step=self.step_count)
+            if snapshot is not None:
+                self._restore(skip, snapshot)
+            self._after_step_bookkeeping(sums, ce, logits, y, loss, gnorm)
+
+    @torch.no_grad()
+    def _after_step_bookkeeping(self, sums, ce, logits, y, loss, gnorm) -> None:
+        sums[0] += ce.detach().sum(1)
+        sums[1] += (logits.detach().argmax(-1) == y).sum(1)
+        sums[2] += loss.detach()
+        sums[3] += gnorm
+        self.step_count += 1
+
+    def _all_reduce_grads(self) -> None:
+        # The only DDP communication of a step: sum the ranks' gradients in one flat buffer. Each rank's loss is
+        # already scaled by 1/global_batch, so the sum is the gradient of the global-batch mean.
+        grads = [p.grad for p in self.params.values()]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _snapshot(self, skip: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the skipped models' slices of parameters and optimizer state (rare: non-finite grads).
+        A scalar state such as Adam's step count is shared by the stack and is not rolled back."""
+        tensors = list(self.params.values())
+        for p in self.params.values():
+            tensors += [v for v in self.optimizer.state.get(p, {}).values()
+                        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.K]
+        return [(t, t.detach()[skip].clone()) for t in tensors]
+
+    def _restore(self, skip: torch.Tensor, snapshot) -> None:
+        for t, saved in snapshot:
+            t.detach()[skip] = saved
+
+    def _schedule(self, val_loss: torch.Tensor, alive: torch.Tensor) -> None:
+        if self.scheduler is None:
+            return
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(float(val_loss[alive].mean()))  # validation loss, never the test set
+        else:
+            self.scheduler.step()
+
+    # -- measurements ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy and accuracy of every model on (x, y), without training-only hooks: [K], [K]."""
+        was_training = self.model.training
+        self.model.eval()
+        if self.world > 1:
+            x, y = x[self.rank::self.world], y[self.rank::self.world]
+        totals = torch.zeros(3, self.K, dtype=torch.float64, device=self.device)
+        for i in range(0, len(y), _EVAL_CHUNK):
+            xb, yb = x[i:i + _EVAL_CHUNK], y[i:i + _EVAL_CHUNK]
+            logits = self.model(xb.unsqueeze(0).expand(self.K, -1, -1))
+            ce = F.cross_entropy(logits.flatten(0, 1), yb.repeat(self.K), reduction="none").view(self.K, -1)
+            totals[0] += ce.sum(1)
+            totals[1] += (logits.argmax(-1) == yb).sum(1)
+            totals[2] += len(yb)
+        if self.distributed:
+            dist.all_reduce(totals)
+        self.model.train(was_training)
+        totals = totals.cpu()
+        return totals[0] / totals[2], totals[1] / totals[2]
+
+    @torch.no_grad()
+    def weight_norms(self) -> torch.Tensor:
+        """‖θ_k‖₂ over all parameters of each model: [K]."""
+        return torch.stack([p.detach().flatten(1).pow(2).sum(1) for p in self.params.values()]).sum(0).sqrt()
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+def build_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The torch optimizer for an optimizer config; weight_decay is always passed explicitly."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    # Explicit weight_decay: AdamW's library default (1e-2) must never apply silently.
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg, optimizer: torch.optim.Optimizer, epochs: int):
+    """The per-epoch learning-rate scheduler for a schedule config (None for constant)."""
+    sched = torch.optim.lr_scheduler
+    if cfg.name == "constant":
+        return None
+    if cfg.name == "step":
+        return sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.name == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=cfg.t_max or epochs, eta_min=cfg.min_lr)
+    if cfg.name == "plateau":
+        return sched.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.factor, patience=cfg.patience,
+                                       threshold=cfg.threshold, min_lr=cfg.min_lr)
+    raise ValueError(f"schedule.name: unknown schedule {cfg.name!r}")
+

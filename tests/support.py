@@ -1,0 +1,41 @@
+"""Shared builders for tests: the default registry, training configs and small synthetic splits."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from l2cluster.data import Splits
+from l2cluster.registry import load_registry
+from l2cluster.spec import spec_models
+
+
+@functools.cache
+def registry():
+    return load_registry(use_entry_points=False)
+
+
+def config(reg=None, **fields):
+    """A TrainConfig from keyword sections, e.g. config(optimizer={"name": "sgd", "lr": 0.1}, epochs=1)."""
+    reg = reg or registry()
+    fields.setdefault("optimizer", {"name": "adam", "lr": 1e-3})
+    return spec_models(reg).train.model_validate(fields)
+
+
+def synthetic_splits(n_train=320, n_val=64, n_test=64, seed=0) -> Splits:
+    """Random images whose label depends on a few pixels: learnable, tiny, and no MNIST needed."""
+    g = torch.Generator().manual_seed(seed)
+
+    def part(n):
+        x = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+        y = (x[:, 14, :10].float().mean(1) / 25.6).long().clamp(0, 9)
+        return x, y
+
+    (tx, ty), (vx, vy), (sx, sy) = part(n_train), part(n_val), part(n_test)
+    return Splits(tx, ty, vx, vy, sx, sy)
+
+
+def params_of(trainer, k=None):
+    """The trained parameters (model k's slice if k is given), detached copies by name."""
+    return {n: (p.detach()[k] if k is not None else p.detach()).clone() for n, p in trainer.params.items()}

@@ -1,0 +1,153 @@
+"""The trainer end to end at toy size: it learns, records every metric, is deterministic, turns a
+non-finite loss into `diverged` and a broken hook into `failed`, and `l2cluster train` prints a table."""
+
+from __future__ import annotations
+
+import math
+import re
+import textwrap
+
+import pytest
+import torch
+from pydantic import BaseModel, ConfigDict
+from support import config, params_of, registry, synthetic_splits
+
+from l2cluster.cli import main
+from l2cluster.data import load_mnist, split_mnist
+from l2cluster.plugin import Regularizer
+from l2cluster.registry import Registry, load_builtins
+from l2cluster.trainer import Trainer, pack_key
+
+SMALL = dict(model={"hidden_sizes": [64, 32]}, data={"batch_size": 32, "val_size": 100}, epochs=3,
+             optimizer={"name": "adam", "lr": 3e-3})
+EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "weight_norm", "grad_norm",
+              "clipped_steps", "skipped_steps", "epoch_s"}
+
+
+@pytest.fixture(scope="module")
+def tiny_splits(tiny_mnist_dir):
+    return split_mnist(load_mnist(tiny_mnist_dir, download=False), val_size=100, seed=0)
+
+
+def test_learns_and_records_every_metric(tiny_splits):
+    trainer = Trainer([config(regularizers=[{"name": "l2", "strength": 1e-4}, {"name": "dropout", "p": 0.1}],
+                              **SMALL)], tiny_splits, registry(), device="cpu")
+    (result,) = trainer.fit()
+    assert result.outcome == "succeeded"
+    assert [m["epoch"] for m in result.epochs] == [1, 2, 3]
+    for m in result.epochs:
+        assert set(m) == EPOCH_KEYS
+        assert all(math.isfinite(v) for v in m.values())
+    assert result.epochs[-1]["train_loss"] < result.epochs[0]["train_loss"]
+    assert result.final["val_acc"] > 0.6 and result.final["test_acc"] > 0.6  # chance is 0.1
+    assert result.final["best_epoch"] in (1, 2, 3)
+    assert result.epochs[0]["lr"] == 3e-3
+
+
+def test_same_seed_same_run_other_seed_other_run(tiny_splits):
+    runs = []
+    for seed in (4, 4, 5):
+        t = Trainer([config(seed=seed, regularizers=[{"name": "dropout", "p": 0.2}], **SMALL)], tiny_splits,
+                    registry(), device="cpu")
+        result = t.fit()[0]
+        runs.append((params_of(t), result))
+    (p1, r1), (p2, r2), (p3, r3) = runs
+    assert all(torch.equal(p1[n], p2[n]) for n in p1)
+    assert [m["val_loss"] for m in r1.epochs] == [m["val_loss"] for m in r2.epochs]
+    assert not torch.equal(p1["layers.0.weight"], p3["layers.0.weight"])
+    assert r1.epochs[-1]["val_loss"] != r3.epochs[-1]["val_loss"]
+
+
+def test_schedules_step_per_epoch_on_validation(tiny_splits):
+    cfg = config(schedule={"name": "step", "step_size": 1, "gamma": 0.5}, **SMALL)
+    (r,) = Trainer([cfg], tiny_splits, registry(), device="cpu").fit()
+    assert [m["lr"] for m in r.epochs] == pytest.approx([3e-3, 1.5e-3, 7.5e-4])
+    cfg = config(schedule={"name": "cosine"}, **SMALL)
+    (r,) = Trainer([cfg], tiny_splits, registry(), device="cpu").fit()
+    assert [m["lr"] for m in r.epochs] == pytest.approx([3e-3, 3e-3 * 0.75, 3e-3 * 0.25])
+    cfg = config(schedule={"name": "plateau", "patience": 0, "factor": 0.5, "threshold": 10.0}, **SMALL)
+    (r,) = Trainer([cfg], tiny_splits, registry(), device="cpu").fit()
+    assert [m["lr"] for m in r.epochs] == pytest.approx([3e-3, 1.5e-3, 7.5e-4])  # never "improves" by 1000%
+
+
+def test_nonfinite_loss_is_a_diverged_outcome_not_a_crash(tiny_splits):
+    cfg = config(optimizer={"name": "sgd", "lr": 10.0}, regularizers=[{"name": "l2", "strength": 10.0}],
+                 **{k: v for k, v in SMALL.items() if k != "optimizer"})
+    (r,) = Trainer([cfg], tiny_splits, registry(), device="cpu").fit()
+    assert r.outcome == "diverged"
+    assert r.diverged_epoch == 1 and "epoch 1" in r.error
+    assert r.final["test_acc"] is None and len(r.epochs) == 1
+
+
+class _Raises(Regularizer):
+    name = "raises"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def after_step(self, step):
+        if step == 5:
+            raise RuntimeError("boom at step 5")
+
+
+class _WrongShape(Regularizer):
+    name = "wrong_shape"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def penalty(self, params):
+        return torch.zeros(3, 3)
+
+
+@pytest.mark.parametrize("plugin, message", [
+    (_Raises, "plugin 'raises', hook 'after_step': RuntimeError: boom at step 5"),
+    (_WrongShape, "plugin 'wrong_shape', hook 'penalty': returned a tensor of shape (3, 3); "
+                  "expected a tensor of shape (1,), one per model"),
+])
+def test_a_broken_hook_fails_the_job_with_the_plugins_message(tiny_splits, plugin, message):
+    reg = Registry()
+    load_builtins(reg)
+    reg.register(plugin, "test")
+    (r,) = Trainer([config(reg, regularizers=[{"name": plugin.name}], **SMALL)], tiny_splits, reg, device="cpu").fit()
+    assert r.outcome == "failed" and r.error == message
+
+
+def test_only_compatible_configs_stack():
+    a = config(seed=1, regularizers=[{"name": "l2", "strength": 1e-3}])
+    b = config(seed=2, regularizers=[{"name": "l2", "strength": 1e-4}])
+    c = config(seed=2, regularizers=[{"name": "l2", "strength": 1e-4, "exclude_bias_and_1d": False}])
+    d = config(seed=2, optimizer={"name": "adam", "lr": 2e-3}, regularizers=[{"name": "l2"}])
+    assert pack_key(a) == pack_key(b) != pack_key(c) != pack_key(d)
+    with pytest.raises(ValueError, match="differ only in seed"):
+        Trainer([a, c], synthetic_splits(), registry(), device="cpu")
+
+
+def test_real_mnist_one_epoch_reaches_90_percent(shared_mnist_dir):
+    if shared_mnist_dir is None:
+        pytest.skip("../shared/data/mnist is not here")
+    splits = split_mnist(load_mnist(shared_mnist_dir, download=False), val_size=5000, seed=0, train_size=10000)
+    cfg = config(model={"hidden_sizes": [128]}, data={"batch_size": 64, "train_size": 10000},
+                 optimizer={"name": "adam", "lr": 1e-3}, epochs=1)
+    (r,) = Trainer([cfg], splits, registry(), device="cpu").fit()
+    assert r.final["test_acc"] > 0.90
+
+
+def test_cli_train_runs_every_job_and_prints_the_table(tiny_mnist_dir, tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent("""
+        name: cli-train
+        model: {hidden_sizes: [32]}
+        data: {batch_size: 50, val_size: 100}
+        optimizer: {name: adam, lr: 0.003}
+        epochs: 1
+        regularizers: [{name: l2, strength: 0.0}]
+        sweep:
+          seeds: [0, 1]
+          grid: {regularizers.l2.strength: [0.0, 1.0e-3]}
+    """))
+    assert main(["train", str(spec), "--data-dir", str(tiny_mnist_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if re.match(r"^[0-9a-f]{16}\s", line)]
+    assert len(rows) == 4 and all("succeeded" in r for r in rows)
+    assert re.search(r"strength=0.001\s+1\s+succeeded", out)
