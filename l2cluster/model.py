@@ -40,8 +40,10 @@ class StackedLinear(nn.Module):
             self.bias[k].copy_(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:  # one model: a plain addmm is as fast as nn.Linear
-            return torch.addmm(self.bias[0], x[0], self.weight[0]).unsqueeze(0)
+        if x.shape[0] == 1:
+            # One model: a plain addmm, as fast as nn.Linear. squeeze, not [0]: its backward is a view, while
+            # indexing's backward allocates and fills a full-size gradient every step.
+            return torch.addmm(self.bias.squeeze(0), x.squeeze(0), self.weight.squeeze(0)).unsqueeze(0)
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
 
 

@@ -17,7 +17,7 @@ Written this way, one implementation serves a single job, DDP ranks and packed t
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +34,7 @@ __all__ = [
     "hook",
     "per_model_ndim",
     "select_params",
+    "sum_of_squares",
 ]
 
 
@@ -208,6 +209,25 @@ class StackedRNG:
     def set_state(self, states: Sequence[torch.Tensor]) -> None:
         for g, s in zip(self.generators, states):
             g.set_state(s)
+
+
+class _SumOfSquares(torch.autograd.Function):
+    """Σ‖w‖² per model with a one-pass backward (2w·g), instead of autograd's four passes through pow or norm:
+    on CPU an L2 penalty is memory-bound, and this halves its cost."""
+
+    @staticmethod
+    def forward(ctx, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*tensors)
+        return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors]).pow(2).sum(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return tuple(t * (2 * grad).view(-1, *([1] * (t.dim() - 1))) for t in ctx.saved_tensors)
+
+
+def sum_of_squares(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Σ‖w‖² over `tensors` for each model: shape [K], differentiable (gradient 2w)."""
+    return _SumOfSquares.apply(*tensors)
 
 
 def per_model_ndim(p: torch.Tensor) -> int:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from l2cluster.plugin import Regularizer, select_params
+from l2cluster.plugin import Regularizer, select_params, sum_of_squares
 
 
 class L2(Regularizer):
@@ -23,7 +22,5 @@ class L2(Regularizer):
         """Leave biases and other 1-D parameters out of the penalty, as timm and most recipes do."""
 
     def penalty(self, params, hp):
-        weights = list(select_params(params, hp.exclude_bias_and_1d))
-        # Σ‖w‖² per model: reduce every dimension but the leading model axis.
-        sq = torch.stack([w.pow(2).flatten(1).sum(1) for w in weights]).sum(0)
-        return 0.5 * hp.strength * sq
+        # Σ‖w‖² per model (every axis but the leading model axis is reduced): shape [K].
+        return 0.5 * hp.strength * sum_of_squares(select_params(params, hp.exclude_bias_and_1d))
