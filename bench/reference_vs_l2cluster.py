@@ -124,7 +124,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--stack", type=int, default=0, help="also train K seeds stacked and time it")
     parser.add_argument("--json", type=Path, help="write the figures to this file too")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for both loops (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     # The same allocator setting for both loops, so the ratio measures the training loops alone.
     keep_freed_memory()

@@ -150,7 +150,10 @@ def type_name(name: str) -> str:
 
 
 def _check_hooks(name: str, cls: type) -> dict[str, HookImpl]:
-    instance = cls()
+    try:
+        instance = cls()
+    except Exception as e:
+        raise PluginError(name, f"could not be instantiated without arguments: {_import_error(e)}") from None
     hooks: dict[str, HookImpl] = {}
     for klass in reversed(cls.__mro__):
         if klass in (object, Regularizer):

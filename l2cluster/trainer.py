@@ -354,18 +354,32 @@ class Trainer:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def _snapshot(self, skip: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _stacked_state(self, p: torch.Tensor) -> list[torch.Tensor]:
+        return [v for v in self.optimizer.state.get(p, {}).values()
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.K]
+
+    def _snapshot(self, skip: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Copies of the skipped models' slices of parameters and optimizer state (rare: non-finite grads).
-        A scalar state such as Adam's step count is shared by the stack and is not rolled back."""
-        tensors = list(self.params.values())
+        A parameter with no optimizer state yet is marked None: its new state is zeroed for those models, as
+        if they had not stepped. A scalar state such as Adam's step count is shared by the stack and is not
+        rolled back."""
+        saved: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         for p in self.params.values():
-            tensors += [v for v in self.optimizer.state.get(p, {}).values()
-                        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.K]
-        return [(t, t.detach()[skip].clone()) for t in tensors]
+            saved.append((p, p.detach()[skip].clone()))
+            state = self._stacked_state(p)
+            if state:
+                saved += [(t, t[skip].clone()) for t in state]
+            else:
+                saved.append((p, None))
+        return saved
 
     def _restore(self, skip: torch.Tensor, snapshot) -> None:
-        for t, saved in snapshot:
-            t.detach()[skip] = saved
+        for t, value in snapshot:
+            if value is None:
+                for s in self._stacked_state(t):
+                    s[skip] = 0
+            else:
+                t.detach()[skip] = value
 
     def _schedule(self, val_loss: torch.Tensor, alive: torch.Tensor) -> None:
         if self.scheduler is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -22,16 +21,10 @@ CFG = dict(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank_main(rank: int, world: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: no port to pick and race for (a TCP store on a pre-picked free port was flaky).
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     try:
         trainer = Trainer([config(**CFG)], synthetic_splits(n_train=330), registry(), device="cpu")
         results = trainer.fit()
@@ -39,10 +32,14 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
                    os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # The results are saved and the group destroyed. Leave without interpreter teardown: in ~1 of 10 runs gloo's
+    # C++ threads abort the process while Python finalizes (SIGABRT, "terminate called without an active
+    # exception"; the teardown race described in pytorch/pytorch#179291), which would fail a run that worked.
+    os._exit(0)
 
 
 def test_two_rank_gloo_equals_one_process(tmp_path):
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = Trainer([config(**CFG)], synthetic_splits(n_train=330), registry(), device="cpu")
     single_result = single.fit()[0]

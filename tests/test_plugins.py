@@ -155,3 +155,11 @@ def test_readme_l1_example_installs_as_a_package_and_trains(tmp_path, tiny_mnist
                           "--device", "cpu"], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert re.search(r"succeeded\s+[01]\.\d+\s+[01]\.\d+", run.stdout), run.stdout
+
+
+def test_a_plugin_whose_constructor_raises_is_refused_not_fatal():
+    def __init__(self):
+        raise RuntimeError("needs a GPU license")
+
+    with pytest.raises(PluginError, match="could not be instantiated without arguments: RuntimeError: needs a GPU"):
+        Registry().register(_plugin(__init__=__init__, penalty=lambda self, params: None), "test")

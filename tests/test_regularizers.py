@@ -117,22 +117,30 @@ def test_grad_clip_nonfinite_norm_skips_only_that_model():
             poisoned: float = 0.0
 
         def on_gradients(self, params, hp, step):
-            if step == 3:
+            if step in (0, 3):  # the first step too, before the optimizer has any state
                 for p in params.values():
                     p.grad[hp.poisoned > 0] = float("inf")
 
     reg = Registry()
     load_builtins(reg)
     reg.register(Poison, "test")
-    cfgs = [config(reg, regularizers=[{"name": "poison", "poisoned": float(s)}, {"name": "grad_clip", "max_norm": 1.0}],
-                   seed=s, optimizer={"name": "sgd", "lr": 0.1}, **STEPS_20) for s in (0, 1)]
-    singles = [train(c, reg=reg)[0] for c in cfgs]
-    stacked, results = train(cfgs, reg=reg)
-    assert [r.epochs[0]["skipped_steps"] for r in results] == [0, 1]
-    assert results[1].outcome == "succeeded"
-    # Model 0 is unaffected by model 1's bad step; model 1 equals its own single run (which also skipped).
-    for k in (0, 1):
-        assert max_diff(params_of(stacked, k), params_of(singles[k], 0)) < 1e-12
+    for optimizer in ({"name": "sgd", "lr": 0.1, "momentum": 0.9}, {"name": "adam", "lr": 1e-2}):
+        cfgs = [config(reg, regularizers=[{"name": "poison", "poisoned": float(s)},
+                                          {"name": "grad_clip", "max_norm": 1.0}],
+                       seed=s, optimizer=optimizer, **STEPS_20) for s in (0, 1)]
+        singles = [train(c, reg=reg)[0] for c in cfgs]
+        stacked, results = train(cfgs, reg=reg)
+        assert [r.epochs[0]["skipped_steps"] for r in results] == [0, 2]
+        assert [r.outcome for r in results] == ["succeeded", "succeeded"]
+        # Model 0 is unaffected by model 1's bad steps.
+        assert max_diff(params_of(stacked, 0), params_of(singles[0], 0)) < 1e-12
+        if optimizer["name"] == "sgd":  # model 1 equals its own single run, which skipped the same steps
+            assert max_diff(params_of(stacked, 1), params_of(singles[1], 0)) < 1e-12
+        else:
+            # Adam's step count is shared by the stack, so model 1's bias correction runs 2 steps ahead of its
+            # single run (documented in Trainer._snapshot); what must hold is that its state was not poisoned.
+            assert all(torch.isfinite(p).all() for p in params_of(stacked, 1).values())
+            assert all(torch.isfinite(v).all() for s in stacked.optimizer.state.values() for v in s.values())
 
 
 def test_grad_clip_can_fail_the_job_instead():
