@@ -148,7 +148,13 @@ class Trainer:
             self.plugins.append((info, hp))
         self._with = {h: [(i, hp) for i, hp in self.plugins if h in i.hooks]
                       for h in ("penalty", "on_activation", "on_gradients", "before_step", "after_step")}
+        # Progress, all of it in state_dict(): a run resumed from a checkpoint continues exactly.
         self.step_count = 0
+        self.epochs_done = 0
+        self.train_s = 0.0
+        self.alive = torch.ones(K, dtype=torch.bool)
+        self.best: list[tuple[float, int]] = [(-1.0, 0)] * K
+        self.results = [RunResult("running") for _ in range(K)]
 
     # -- set-up helpers -------------------------------------------------------------------------------------
     def _features(self, images: torch.Tensor) -> torch.Tensor:
@@ -188,31 +194,37 @@ class Trainer:
         return total
 
     # -- the loop -------------------------------------------------------------------------------------------
-    def fit(self, on_epoch: Callable[[int, list[dict]], None] | None = None) -> list[RunResult]:
-        """Train every model for the configured epochs; returns one RunResult per model.
+    def fit(
+        self,
+        on_epoch: Callable[[int, list[dict]], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[RunResult]:
+        """Train every model for the remaining epochs; returns one RunResult per model.
 
+        `on_epoch(epoch, metrics)` runs after every epoch (a checkpoint taken there with state_dict() resumes
+        exactly). `should_stop()` is asked before every step; when it says yes the run ends at once with
+        outcome "cancelled" (under DDP every rank must get the same answer at the same step).
         A plugin hook that raises fails every model of the stack (outcome "failed", the plugin's message);
         a non-finite loss ends that model with outcome "diverged" and the epoch it happened."""
-        results = [RunResult("running") for _ in range(self.K)]
+        results = self.results
         try:
-            self._fit(results, on_epoch)
+            cancelled = self._fit(results, on_epoch, should_stop)
         except HookError as e:
             for r in results:
                 r.outcome, r.error = "failed", str(e)
             return results
         for r in results:
             if r.outcome == "running":
-                r.outcome = "succeeded"
+                r.outcome = "cancelled" if cancelled else "succeeded"
         return results
 
-    def _fit(self, results: list[RunResult], on_epoch) -> None:
+    def _fit(self, results: list[RunResult], on_epoch, should_stop) -> bool:
         cfg, K, dev = self.cfg, self.K, self.device
         n, batch = len(self.train_y), cfg.data.batch_size
         num_steps = math.ceil(n / batch)
-        alive = torch.ones(K, dtype=torch.bool)
-        best = [(-1.0, 0)] * K
-        t_start = time.perf_counter()
-        for epoch in range(1, cfg.epochs + 1):
+        alive, best = self.alive, self.best
+        t_start = time.perf_counter() - self.train_s
+        for epoch in range(self.epochs_done + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
             steps_before = self.step_count
             self.model.train()
@@ -225,6 +237,8 @@ class Trainer:
             counters: dict[str, torch.Tensor] = {k: torch.zeros(K, dtype=torch.float64, device=dev)
                                                  for k in ("clipped", "skipped")}
             for s in range(num_steps):
+                if should_stop is not None and should_stop():
+                    return True
                 global_idx = order[:, s * batch:(s + 1) * batch]
                 # DDP: each rank takes every world-th example of the global batch.
                 idx = global_idx[:, self.rank::self.world] if self.world > 1 else global_idx
@@ -268,11 +282,13 @@ class Trainer:
                 elif m["val_acc"] > best[k][0]:
                     best[k] = (m["val_acc"], epoch)
                 epoch_metrics.append(m)
+            self._schedule(val_loss, alive)
+            self.epochs_done = epoch
+            self.train_s = time.perf_counter() - t_start
             if on_epoch is not None:
                 on_epoch(epoch, epoch_metrics)
             if not alive.any():
                 break
-            self._schedule(val_loss, alive)
         test_loss, test_acc = self.evaluate(self.test_x, self.test_y)
         train_s = time.perf_counter() - t_start
         for k in range(K):
@@ -285,6 +301,45 @@ class Trainer:
                 r.final.update(test_loss=float(test_loss[k]), test_acc=float(test_acc[k]))
             else:
                 r.final.update(test_loss=None, test_acc=None)
+        return False
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue this run exactly: parameters, optimizer and scheduler state, the random
+        streams (batch order, and this rank's dropout), and the progress and metrics so far. Call it between
+        epochs (from `on_epoch`); save it with torch.save."""
+        return {
+            "format": 1,
+            "epochs_done": self.epochs_done,
+            "step_count": self.step_count,
+            "train_s": self.train_s,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "order_rng": [g.get_state() for g in self.order_gens],
+            "dropout_rng": self.rng.state(),
+            "alive": self.alive.clone(),
+            "best": list(self.best),
+            "results": [r.to_dict() for r in self.results],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict() of a trainer built from the same configs."""
+        if state.get("format") != 1:
+            raise ValueError(f"unknown checkpoint format {state.get('format')!r}; expected 1")
+        if len(state["results"]) != self.K:
+            raise ValueError(f"checkpoint holds {len(state['results'])} models, this trainer {self.K}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        for g, s in zip(self.order_gens, state["order_rng"]):
+            g.set_state(s)
+        self.rng.set_state(state["dropout_rng"])
+        self.epochs_done, self.step_count, self.train_s = state["epochs_done"], state["step_count"], state["train_s"]
+        self.alive = state["alive"].clone()
+        self.best = [tuple(b) for b in state["best"]]
+        self.results = [RunResult(**r) for r in state["results"]]
 
     def _step(self, x, y, global_batch: int, epoch: int, lr_k, sums, counters) -> None:
         K = self.K

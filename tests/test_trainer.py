@@ -151,3 +151,62 @@ def test_cli_train_runs_every_job_and_prints_the_table(tiny_mnist_dir, tmp_path,
     rows = [line for line in out.splitlines() if re.match(r"^[0-9a-f]{16}\s", line)]
     assert len(rows) == 4 and all("succeeded" in r for r in rows)
     assert re.search(r"strength=0.001\s+1\s+succeeded", out)
+
+
+RESUMABLE = dict(model={"hidden_sizes": [48, 24]}, data={"batch_size": 32, "val_size": 100}, epochs=4,
+                 optimizer={"name": "adamw", "lr": 3e-3, "weight_decay": 0.0}, schedule={"name": "cosine"},
+                 regularizers=[{"name": "dropout", "p": 0.2}, {"name": "grad_clip", "max_norm": 1.0},
+                               {"name": "decoupled_decay", "weight_decay": 0.05}])
+
+
+def _comparable(result):
+    """A RunResult without its wall-clock fields."""
+    epochs = [{k: v for k, v in m.items() if k != "epoch_s"} for m in result.epochs]
+    final = {k: v for k, v in result.final.items() if k != "train_s"}
+    return result.outcome, epochs, final
+
+
+def test_a_run_resumed_from_a_checkpoint_ends_exactly_like_an_uninterrupted_one(tiny_splits, tmp_path):
+    cfgs = [config(seed=s, **RESUMABLE) for s in (1, 2)]
+    whole = Trainer(cfgs, tiny_splits, registry(), device="cpu")
+    expected = whole.fit()
+
+    first = Trainer(cfgs, tiny_splits, registry(), device="cpu")
+    ckpt = tmp_path / "epoch2.pt"
+
+    def save_and_stop_after_2(epoch, metrics):
+        if epoch == 2:
+            torch.save(first.state_dict(), ckpt)
+
+    calls = iter(range(10**6))
+    first.fit(on_epoch=save_and_stop_after_2,
+              should_stop=lambda: first.epochs_done >= 2 and next(calls) == 5)  # stop mid-epoch 3
+
+    resumed = Trainer(cfgs, tiny_splits, registry(), device="cpu")
+    resumed.load_state_dict(torch.load(ckpt, weights_only=False))
+    assert resumed.epochs_done == 2
+    got = resumed.fit()
+    assert [_comparable(r) for r in got] == [_comparable(r) for r in expected]
+    for name, p in whole.params.items():
+        assert torch.equal(p, resumed.params[name]), name
+
+
+def test_should_stop_cancels_within_one_step(tiny_splits):
+    trainer = Trainer([config(**SMALL)], tiny_splits, registry(), device="cpu")
+    asked = []
+
+    def stop_at_7():
+        asked.append(trainer.step_count)
+        return trainer.step_count == 7
+
+    (r,) = trainer.fit(should_stop=stop_at_7)
+    assert r.outcome == "cancelled"
+    assert trainer.step_count == 7 and asked == list(range(8))
+    assert r.epochs == []
+
+
+def test_a_checkpoint_from_another_stack_is_refused(tiny_splits):
+    one = Trainer([config(**SMALL)], tiny_splits, registry(), device="cpu")
+    two = Trainer([config(seed=s, **SMALL) for s in (0, 1)], tiny_splits, registry(), device="cpu")
+    with pytest.raises(ValueError, match="checkpoint holds 1 models, this trainer 2"):
+        two.load_state_dict(one.state_dict())
