@@ -1,0 +1,56 @@
+"""Job states and the one table of transitions between them."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class JobState(str, Enum):
+    """Where a job is: queued → placing → running → succeeded | failed | diverged | cancelled."""
+
+    QUEUED = "queued"
+    PLACING = "placing"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DIVERGED = "diverged"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DIVERGED, JobState.CANCELLED})
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.PLACING, JobState.CANCELLED}),
+    # Placing can fail (no resources, a gang that died while forming): back to the queue or failed.
+    JobState.PLACING: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}),
+    # Running → queued is a retry: a rank died and the job goes back with attempt + 1.
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DIVERGED, JobState.CANCELLED,
+                                 JobState.QUEUED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.DIVERGED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+class InvalidTransition(ValueError):
+    """A state change the table does not allow (a bug in the caller, or a stale update)."""
+
+    def __init__(self, job_id: str, old: str, new: str):
+        self.job_id, self.old, self.new = job_id, old, new
+        super().__init__(f"job {job_id}: {old} → {new} is not a valid transition")
+
+    def __reduce__(self):
+        return (type(self), (self.job_id, self.old, self.new))
+
+
+def check_transition(job_id: str, old: JobState | str, new: JobState | str) -> JobState:
+    """Return the new state if `old → new` is allowed; raise InvalidTransition otherwise."""
+    old, new = JobState(old), JobState(new)
+    if new not in TRANSITIONS[old]:
+        raise InvalidTransition(job_id, old.value, new.value)
+    return new

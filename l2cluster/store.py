@@ -1,0 +1,256 @@
+"""The store: experiments, jobs, their state changes, per-epoch metrics and final results, in one SQLite file.
+
+WAL mode, one writer (the coordinator), any number of readers. Every state change goes through
+`transition`, which checks it against the table in l2cluster.states and records it as an event, so what
+`status` and `results` show survives a restart of whatever wrote it. The file is created readable by its
+owner only; a file that is not a healthy SQLite database is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from l2cluster.states import JobState, check_transition
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS experiments (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    spec_json TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    submitted_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    experiment_id TEXT NOT NULL REFERENCES experiments(id),
+    seq INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    overrides_json TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    group_key TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    node TEXT,
+    error TEXT,
+    submitted_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_experiment ON jobs(experiment_id, seq);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, priority DESC, seq);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    at REAL NOT NULL,
+    old_state TEXT,
+    new_state TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, at);
+CREATE TABLE IF NOT EXISTS epochs (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    epoch INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    metrics_json TEXT NOT NULL,
+    PRIMARY KEY (job_id, epoch)
+);
+CREATE TABLE IF NOT EXISTS results (
+    job_id TEXT PRIMARY KEY REFERENCES jobs(id),
+    outcome TEXT NOT NULL,
+    final_json TEXT NOT NULL,
+    diverged_epoch INTEGER,
+    error TEXT
+);
+"""
+
+
+class StoreError(RuntimeError):
+    """The store file cannot be used (locked, corrupt, from a newer version); names the file and the fix."""
+
+
+class Store:
+    """One SQLite store file. Not thread-safe: one Store per thread (the coordinator's writer has one)."""
+
+    def __init__(self, path: str | Path, *, timeout: float = 10.0):
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            # Created with owner-only permissions before SQLite opens it (its -wal/-shm files inherit them).
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=timeout)
+            self._db.row_factory = sqlite3.Row
+            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            with self._tx():
+                for statement in _statements():  # not executescript(): it would commit mid-transaction
+                    self._db.execute(statement)
+                self._check_version()
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"{self.path}: cannot open the store ({e}); another process may hold it locked — "
+                             "stop it, or point the daemon at another store path") from None
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: not a healthy l2cluster store ({e}); it was left untouched — move it "
+                             "aside or point the daemon at another store path") from None
+
+    def _check_version(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: written by a newer l2cluster (schema {row[0]} > {SCHEMA_VERSION}); "
+                             "upgrade l2cluster")
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- writes ---------------------------------------------------------------------------------------------
+    def add_experiment(self, experiment_id: str, name: str, spec: dict, jobs: Iterable, *, priority: int = 0,
+                       now: float | None = None) -> int:
+        """Record an experiment and queue its jobs (l2cluster.spec.Job). Idempotent: jobs already in the store
+        (same id: same experiment and config) keep their state and results. Returns how many jobs are new."""
+        now = time.time() if now is None else now
+        added = 0
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO experiments VALUES (?, ?, ?, ?, ?)",
+                       (experiment_id, name, json.dumps(spec, sort_keys=True), priority, now))
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
+            for job in jobs:
+                seq += 1
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO jobs (id, experiment_id, seq, label, overrides_json, seed, group_key, "
+                    "config_json, priority, state, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job.id, experiment_id, seq, job.label, json.dumps(job.overrides, sort_keys=True), job.seed,
+                     job.group, json.dumps(job.config.model_dump(mode="json"), sort_keys=True), priority,
+                     JobState.QUEUED.value, now))
+                if cur.rowcount:
+                    added += 1
+                    db.execute("INSERT INTO events VALUES (?, ?, NULL, ?, 0, 'submitted')",
+                               (job.id, now, JobState.QUEUED.value))
+        return added
+
+    def transition(self, job_id: str, new: JobState | str, *, detail: str | None = None, **fields: Any) -> None:
+        """Move a job to a new state (checked against the transition table) and record the event.
+
+        `fields` may set node, error, epoch; entering placing counts an attempt, entering running sets
+        started_at, entering a terminal state sets finished_at."""
+        allowed = {"node", "error", "epoch"}
+        if set(fields) - allowed:
+            raise ValueError(f"transition() cannot set {sorted(set(fields) - allowed)}")
+        with self._tx() as db:
+            self._transition(db, job_id, new, detail, fields)
+
+    def _transition(self, db: sqlite3.Connection, job_id: str, new, detail, fields: dict) -> None:
+        now = time.time()
+        row = db.execute("SELECT state, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no job {job_id!r} in {self.path}")
+        state = check_transition(job_id, row["state"], new)
+        attempts = row["attempts"] + (state is JobState.PLACING)
+        updates = {"state": state.value, "attempts": attempts, **fields}
+        if state is JobState.RUNNING:
+            updates["started_at"] = now
+        if state.is_terminal:
+            updates["finished_at"] = now
+        db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in updates)} WHERE id = ?",
+                   (*updates.values(), job_id))
+        db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
+                   (job_id, now, row["state"], state.value, attempts, detail))
+
+    def record_epoch(self, job_id: str, epoch: int, metrics: dict) -> None:
+        """Store one epoch's metrics (a retried attempt overwrites the epochs it repeats)."""
+        with self._tx() as db:
+            attempts = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+            db.execute("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?)",
+                       (job_id, epoch, attempts, json.dumps(metrics, sort_keys=True)))
+            db.execute("UPDATE jobs SET epoch = ? WHERE id = ?", (epoch, job_id))
+
+    def finish(self, job_id: str, outcome: str, final: dict, *, error: str | None = None,
+               diverged_epoch: int | None = None) -> None:
+        """Record a job's final result and move it to its terminal state, in one transaction: a result is never
+        recorded twice, and a job is never terminal without its result."""
+        state = JobState(outcome)
+        if not state.is_terminal:
+            raise ValueError(f"finish() needs a terminal outcome, got {outcome!r}")
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM results WHERE job_id = ?", (job_id,)).fetchone():
+                raise ValueError(f"job {job_id}: a result is already recorded")
+            db.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?)",
+                       (job_id, state.value, json.dumps(final, sort_keys=True), diverged_epoch, error))
+            self._transition(db, job_id, state, error, {"error": error})
+
+    # -- reads ----------------------------------------------------------------------------------------------
+    def queued(self, limit: int | None = None) -> list[sqlite3.Row]:
+        """Queued jobs in the order they should start: higher priority first, then submission order."""
+        sql = "SELECT * FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq"
+        return self._db.execute(sql + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
+
+    def job(self, job_id: str) -> sqlite3.Row | None:
+        return self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+
+    def jobs(self, experiment_id: str | None = None, states: Iterable[str] | None = None) -> list[sqlite3.Row]:
+        sql, args = "SELECT * FROM jobs WHERE 1 = 1", []
+        if experiment_id is not None:
+            sql += " AND experiment_id = ?"
+            args.append(experiment_id)
+        if states is not None:
+            states = [JobState(s).value for s in states]
+            sql += f" AND state IN ({', '.join('?' * len(states))})"
+            args += states
+        return self._db.execute(sql + " ORDER BY seq", args).fetchall()
+
+    def experiments(self) -> list[sqlite3.Row]:
+        return self._db.execute("SELECT * FROM experiments ORDER BY submitted_at").fetchall()
+
+    def experiment(self, experiment_id: str) -> sqlite3.Row | None:
+        return self._db.execute("SELECT * FROM experiments WHERE id = ?", (experiment_id,)).fetchone()
+
+    def counts(self, experiment_id: str) -> dict[str, int]:
+        rows = self._db.execute("SELECT state, COUNT(*) FROM jobs WHERE experiment_id = ? GROUP BY state",
+                                (experiment_id,)).fetchall()
+        return {JobState(r[0]).value: r[1] for r in rows}
+
+    def epochs(self, job_id: str) -> list[dict]:
+        rows = self._db.execute("SELECT metrics_json FROM epochs WHERE job_id = ? ORDER BY epoch", (job_id,))
+        return [json.loads(r[0]) for r in rows]
+
+    def result(self, job_id: str) -> dict | None:
+        row = self._db.execute("SELECT * FROM results WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        return {"outcome": row["outcome"], "final": json.loads(row["final_json"]),
+                "diverged_epoch": row["diverged_epoch"], "error": row["error"]}
+
+    def events(self, job_id: str) -> list[sqlite3.Row]:
+        return self._db.execute("SELECT * FROM events WHERE job_id = ? ORDER BY rowid", (job_id,)).fetchall()
+
+
+def _statements() -> list[str]:
+    return [s.strip() for s in _SCHEMA.split(";") if s.strip()]

@@ -1,0 +1,117 @@
+"""The SQLite store and the job state table: every change is checked and recorded, results are written once,
+what was stored survives reopening, and a bad store file is refused without being touched."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+
+import pytest
+from support import registry
+
+from l2cluster.spec import expand, parse_spec
+from l2cluster.states import TRANSITIONS, InvalidTransition, JobState, check_transition
+from l2cluster.store import Store, StoreError
+
+SPEC = {"name": "s", "optimizer": {"name": "adam"}, "epochs": 1,
+        "sweep": {"seeds": [0, 1], "grid": {"optimizer.lr": [1e-3, 2e-3]}}}
+
+
+def _jobs(spec=SPEC):
+    return expand(parse_spec(spec, registry()), registry())
+
+
+def test_transition_table():
+    assert {s for s in JobState if s.is_terminal} == {JobState.SUCCEEDED, JobState.FAILED, JobState.DIVERGED,
+                                                      JobState.CANCELLED}
+    assert all(not TRANSITIONS[s] for s in JobState if s.is_terminal)
+    assert check_transition("j", "queued", "placing") is JobState.PLACING
+    assert check_transition("j", "running", "queued") is JobState.QUEUED  # a retry
+    with pytest.raises(InvalidTransition, match="job j: queued → running is not a valid transition"):
+        check_transition("j", "queued", "running")
+    with pytest.raises(InvalidTransition):
+        check_transition("j", "succeeded", "queued")
+
+
+def test_jobs_flow_through_states_and_everything_survives_reopening(tmp_path):
+    path = tmp_path / "store" / "l2cluster.db"
+    store = Store(path)
+    jobs = _jobs()
+    assert store.add_experiment("s-1", "s", SPEC, jobs, priority=0, now=100.0) == 4
+    assert store.add_experiment("s-1", "s", SPEC, jobs, priority=0) == 0  # resubmission adds nothing
+    first = jobs[0].id
+    store.transition(first, "placing", node="node-a")
+    store.transition(first, "running")
+    store.record_epoch(first, 1, {"epoch": 1, "val_acc": 0.5})
+    store.transition(first, "queued", detail="rank 1 died")  # retry
+    store.transition(first, "placing")
+    store.transition(first, "running")
+    store.record_epoch(first, 1, {"epoch": 1, "val_acc": 0.6})  # the retry overwrites its epoch
+    store.finish(first, "succeeded", {"test_acc": 0.9})
+    with pytest.raises(ValueError, match="already recorded"):
+        store.finish(first, "succeeded", {"test_acc": 0.9})
+    with pytest.raises(InvalidTransition):
+        store.transition(jobs[1].id, "running")
+    store.close()
+
+    again = Store(path)
+    row = again.job(first)
+    assert (row["state"], row["attempts"], row["node"], row["epoch"]) == ("succeeded", 2, "node-a", 1)
+    assert row["started_at"] <= row["finished_at"]
+    assert again.epochs(first) == [{"epoch": 1, "val_acc": 0.6}]
+    assert again.result(first) == {"outcome": "succeeded", "final": {"test_acc": 0.9}, "diverged_epoch": None,
+                                   "error": None}
+    assert [(e["old_state"], e["new_state"]) for e in again.events(first)] == [
+        (None, "queued"), ("queued", "placing"), ("placing", "running"), ("running", "queued"),
+        ("queued", "placing"), ("placing", "running"), ("running", "succeeded")]
+    assert again.counts("s-1") == {"queued": 3, "succeeded": 1}
+    assert [e["id"] for e in again.experiments()] == ["s-1"]
+
+
+def test_queue_order_is_priority_then_submission(tmp_path):
+    store = Store(tmp_path / "db")
+    low = _jobs()
+    high = _jobs({**SPEC, "name": "urgent"})
+    store.add_experiment("low", "s", SPEC, low, priority=0)
+    store.add_experiment("high", "urgent", SPEC, high, priority=5)
+    order = [r["id"] for r in store.queued()]
+    assert order == [j.id for j in high] + [j.id for j in low]
+    store.transition(high[0].id, "cancelled")
+    assert [r["id"] for r in store.queued(limit=2)] == [j.id for j in high[1:3]]
+
+
+def test_store_file_is_owner_only(tmp_path):
+    Store(tmp_path / "db").close()
+    assert stat.S_IMODE(os.stat(tmp_path / "db").st_mode) == 0o600
+
+
+def test_a_corrupt_store_is_refused_and_left_untouched(tmp_path):
+    bad = tmp_path / "db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    before = bad.read_bytes()
+    with pytest.raises(StoreError, match="not a healthy l2cluster store .* left untouched"):
+        Store(bad)
+    assert bad.read_bytes() == before
+
+
+def test_a_locked_store_is_a_clear_error(tmp_path):
+    path = tmp_path / "db"
+    Store(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError, match="another process may hold it locked"):
+            Store(path, timeout=0.2)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_finish_is_atomic(tmp_path):
+    store = Store(tmp_path / "db")
+    jobs = _jobs()
+    store.add_experiment("s-1", "s", SPEC, jobs)
+    with pytest.raises(InvalidTransition):  # queued → succeeded is not allowed: the result must not stay behind
+        store.finish(jobs[0].id, "succeeded", {"test_acc": 0.9})
+    assert store.result(jobs[0].id) is None and store.job(jobs[0].id)["state"] == "queued"
