@@ -104,7 +104,7 @@ class Trainer:
     """Trains `configs` (TrainConfigs that share a pack_key) as one stacked model."""
 
     def __init__(self, configs: Sequence, splits: Splits, registry: Registry, *,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, cuda_graphs: bool | None = None):
         if not configs:
             raise ValueError("Trainer needs at least one config")
         keys = {pack_key(c) for c in configs}
@@ -135,8 +135,7 @@ class Trainer:
         # Every rank draws the same permutation (the global batch), then takes its shard.
         self.order_gens = [torch.Generator().manual_seed(derive_seed(s, "order")) for s in seeds]
         self.rng = StackedRNG([derive_seed(s, "dropout", self.rank) for s in seeds], self.device)
-        self.optimizer = build_optimizer(cfg.optimizer, list(self.params.values()))
-        self.scheduler = build_scheduler(cfg.schedule, self.optimizer, cfg.epochs)
+        self.graphs = False  # decided below, once the plugins are known
 
         self.plugins: list[tuple[PluginInfo, HyperParams]] = []
         for i, reg in enumerate(cfg.regularizers):
@@ -148,6 +147,19 @@ class Trainer:
             self.plugins.append((info, hp))
         self._with = {h: [(i, hp) for i, hp in self.plugins if h in i.hooks]
                       for h in ("penalty", "on_activation", "on_gradients", "before_step", "after_step")}
+        self.graphs = self._graphs_possible() if cuda_graphs is None else bool(cuda_graphs and self._graphs_possible())
+        # Under CUDA graphs the optimizer's step count and lr live on the device (capturable), so one captured
+        # step serves every step and every scheduled lr.
+        self.optimizer = build_optimizer(cfg.optimizer, list(self.params.values()), capturable=self.graphs)
+        self.scheduler = build_scheduler(cfg.schedule, self.optimizer, cfg.epochs)
+        self._lr_tensor = self.optimizer.param_groups[0]["lr"]
+        self._lr_k = torch.zeros(K, dtype=self.dtype, device=self.device)
+        self._sums = torch.zeros(4, K, dtype=torch.float64, device=self.device)
+        self._counters = {k: torch.zeros(K, dtype=torch.float64, device=self.device) for k in ("clipped", "skipped")}
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self.graph_error: str | None = None
+        self._graph_idx: torch.Tensor | None = None
+        self._eager_steps_before_capture = 3
         # Progress, all of it in state_dict(): a run resumed from a checkpoint continues exactly.
         self.step_count = 0
         self.epochs_done = 0
@@ -229,20 +241,24 @@ class Trainer:
             steps_before = self.step_count
             self.model.train()
             order = torch.stack([torch.randperm(n, generator=g) for g in self.order_gens]).to(dev)
-            lr = self.optimizer.param_groups[0]["lr"]
-            lr_k = torch.full((K,), lr, dtype=self.dtype, device=dev)
+            lr = float(self.optimizer.param_groups[0]["lr"])
+            lr_k = self._lr_k.fill_(lr)
             # Per-model sums, kept on the device so the loop never waits for it:
             # rows = CE loss sum, correct, objective (loss + penalty) sum, grad-norm sum.
-            sums = torch.zeros(4, K, dtype=torch.float64, device=dev)
-            counters: dict[str, torch.Tensor] = {k: torch.zeros(K, dtype=torch.float64, device=dev)
-                                                 for k in ("clipped", "skipped")}
+            sums = self._sums.zero_()
+            counters = self._counters
+            for c in counters.values():
+                c.zero_()
             for s in range(num_steps):
                 if should_stop is not None and should_stop():
                     return True
                 global_idx = order[:, s * batch:(s + 1) * batch]
                 # DDP: each rank takes every world-th example of the global batch.
                 idx = global_idx[:, self.rank::self.world] if self.world > 1 else global_idx
-                self._step(self.train_x[idx], self.train_y[idx], global_idx.shape[1], epoch, lr_k, sums, counters)
+                if self.graphs and global_idx.shape[1] == batch:
+                    self._graph_step(idx, batch, epoch)
+                else:
+                    self._step(self.train_x[idx], self.train_y[idx], global_idx.shape[1], epoch, lr_k, sums, counters)
                 check = self.world == 1 and s % _NONFINITE_CHECK_EVERY == _NONFINITE_CHECK_EVERY - 1
                 if check and not bool(torch.isfinite(sums[2].cpu())[alive].any()):
                     break  # every live model has diverged: no point finishing the epoch
@@ -340,6 +356,49 @@ class Trainer:
         self.alive = state["alive"].clone()
         self.best = [tuple(b) for b in state["best"]]
         self.results = [RunResult(**r) for r in state["results"]]
+
+    # -- CUDA graphs ----------------------------------------------------------------------------------------
+    def _graphs_possible(self) -> bool:
+        """One job is bound by kernel launches on a GPU (~110 per step); replaying a captured step removes them.
+        Possible on CUDA in one process when no hook needs the step's Python values: no gradient hook (it may
+        skip steps, a host-side decision) and no hook taking `epoch` or `step` (they would be frozen)."""
+        if self.device.type != "cuda" or self.world != 1 or self._with["on_gradients"]:
+            return False
+        return not any({"epoch", "step"} & set(h.args) for info, _ in self.plugins for h in info.hooks.values())
+
+    def _graph_step(self, idx: torch.Tensor, batch: int, epoch: int) -> None:
+        if self._graph is None and self._eager_steps_before_capture > 0:
+            # Capture needs a few real steps first (optimizer state, cuBLAS workspaces), on a side stream.
+            self._eager_steps_before_capture -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step(self.train_x[idx], self.train_y[idx], batch, epoch, self._lr_k, self._sums,
+                           self._counters)
+            torch.cuda.current_stream().wait_stream(side)
+            return
+        if self._graph is None:
+            self._graph_idx = idx.clone()
+            graph = torch.cuda.CUDAGraph()
+            for gen in self.rng.generators:  # dropout draws advance with every replay, as they would eagerly
+                graph.register_generator_state(gen)
+            self.optimizer.zero_grad(set_to_none=True)
+            steps = self.step_count
+            try:
+                with torch.cuda.graph(graph):
+                    self._step(self.train_x[self._graph_idx], self.train_y[self._graph_idx], batch, epoch,
+                               self._lr_k, self._sums, self._counters)
+            except RuntimeError as e:  # something in the step cannot be captured: train eagerly instead
+                self.graphs, self.graph_error, self.step_count = False, f"{type(e).__name__}: {e}", steps
+                torch.cuda.synchronize()
+                self._step(self.train_x[idx], self.train_y[idx], batch, epoch, self._lr_k, self._sums,
+                           self._counters)
+                return
+            self.step_count = steps  # capturing recorded the step without running it; the replay runs it
+            self._graph = graph
+        self._graph_idx.copy_(idx)
+        self._graph.replay()
+        self.step_count += 1
 
     def _step(self, x, y, global_batch: int, epoch: int, lr_k, sums, counters) -> None:
         K = self.K
@@ -443,6 +502,11 @@ class Trainer:
             self.scheduler.step(float(val_loss[alive].mean()))  # validation loss, never the test set
         else:
             self.scheduler.step()
+        group = self.optimizer.param_groups[0]
+        if isinstance(self._lr_tensor, torch.Tensor) and group["lr"] is not self._lr_tensor:
+            # A captured step reads the lr from this tensor: schedulers that assign a new float must land there.
+            self._lr_tensor.fill_(float(group["lr"]))
+            group["lr"] = self._lr_tensor
 
     # -- measurements ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -478,16 +542,19 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {value!r}"[:120]
 
 
-def build_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg, params: list[torch.nn.Parameter], *, capturable: bool = False) -> torch.optim.Optimizer:
     """The torch optimizer for an optimizer config; weight_decay is always passed explicitly.
 
-    Uses torch's fused kernels (one kernel per parameter instead of ~10; 3x faster Adam steps on CPU)."""
+    Uses torch's fused kernels (one kernel per parameter instead of ~10; 3x faster Adam steps on CPU). With
+    `capturable`, lr is a device tensor and the step count lives on the device, as CUDA graphs need."""
+    lr = torch.tensor(cfg.lr, device=params[0].device) if capturable else cfg.lr
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay, fused=True)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     # Explicit weight_decay: AdamW's library default (1e-2) must never apply silently.
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
+    return cls(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True,
+               capturable=capturable)
 
 
 def build_scheduler(cfg, optimizer: torch.optim.Optimizer, epochs: int):

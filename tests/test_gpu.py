@@ -40,3 +40,28 @@ def test_cuda_stacked_with_dropout_trains_every_model(shared_mnist_dir):
     assert [r.outcome for r in results] == ["succeeded"] * 8
     assert all(r.epochs[-1]["train_loss"] < r.epochs[0]["train_loss"] for r in results)
     assert len({round(r.final["val_loss"], 8) for r in results}) == 8
+
+
+GRAPHABLE = dict(model={"hidden_sizes": [128, 64]}, data={"batch_size": 64, "val_size": 64}, epochs=3,
+                 optimizer={"name": "adamw", "lr": 3e-3, "weight_decay": 0.0}, schedule={"name": "cosine"},
+                 regularizers=[{"name": "l2", "strength": 1e-3}, {"name": "dropout", "p": 0.2},
+                               {"name": "decoupled_decay", "weight_decay": 0.01}])
+
+
+def test_cuda_graph_replay_trains_like_eager_steps():
+    splits = synthetic_splits(n_train=64 * 20 + 17)  # a partial last batch, which runs eagerly
+    graphed = Trainer([config(**GRAPHABLE)], splits, registry(), device="cuda")
+    eager = Trainer([config(**GRAPHABLE)], splits, registry(), device="cuda", cuda_graphs=False)
+    (rg,), (re,) = graphed.fit(), eager.fit()
+    assert graphed.graphs and graphed._graph is not None, graphed.graph_error
+    assert not eager.graphs
+    assert graphed.step_count == eager.step_count == 3 * 21
+    assert [m["lr"] for m in rg.epochs] == pytest.approx([m["lr"] for m in re.epochs])
+    for name, p in params_of(eager).items():
+        assert torch.allclose(params_of(graphed)[name], p, rtol=1e-4, atol=1e-5), name
+    assert rg.final["val_loss"] == pytest.approx(re.final["val_loss"], rel=1e-4)
+
+
+def test_gradient_hooks_keep_the_eager_path():
+    cfg = config(**{**GRAPHABLE, "regularizers": [{"name": "grad_clip", "max_norm": 1.0}]})
+    assert not Trainer([cfg], synthetic_splits(), registry(), device="cuda").graphs
