@@ -65,3 +65,34 @@ def test_cuda_graph_replay_trains_like_eager_steps():
 def test_gradient_hooks_keep_the_eager_path():
     cfg = config(**{**GRAPHABLE, "regularizers": [{"name": "grad_clip", "max_norm": 1.0}]})
     assert not Trainer([cfg], synthetic_splits(), registry(), device="cuda").graphs
+
+
+def test_a_hook_that_cannot_be_captured_falls_back_to_eager_steps():
+    from pydantic import BaseModel, ConfigDict
+
+    from l2cluster.plugin import Regularizer
+    from l2cluster.registry import Registry, load_builtins
+
+    class HostReading(Regularizer):
+        name = "host_reading"
+
+        class Config(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            strength: float = 1e-3
+
+        def penalty(self, params, hp):
+            if float(hp.strength[0]) == 0:  # reads a GPU value on the host: not capturable
+                return torch.zeros_like(hp.strength)
+            return hp.strength * sum(p.pow(2).flatten(1).sum(1) for p in params.values())
+
+    reg = Registry()
+    load_builtins(reg)
+    reg.register(HostReading, "test")
+    cfg = config(reg, **{**GRAPHABLE, "regularizers": [{"name": "host_reading"}]})
+    splits = synthetic_splits(n_train=64 * 10)
+    trainer = Trainer([cfg], splits, reg, device="cuda")
+    (r,) = trainer.fit()
+    assert r.outcome == "succeeded" and not trainer.graphs and trainer.graph_error
+    eager = Trainer([cfg], splits, reg, device="cuda", cuda_graphs=False)
+    (re,) = eager.fit()
+    assert r.final["val_loss"] == pytest.approx(re.final["val_loss"], rel=1e-4)
