@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from l2cluster.data import DataError
 
@@ -144,6 +145,179 @@ def cmd_train(args) -> int:
     return 0 if all(r[4] != "failed" for r in rows) else 1
 
 
+# -- the daemon ---------------------------------------------------------------------------------------------
+def _daemon_call(fn, *args, timeout: float | None = 60, **kwargs):
+    import ray
+
+    from l2cluster.daemon import coordinator
+
+    try:
+        return ray.get(getattr(coordinator(), fn).remote(*args, **kwargs), timeout=timeout)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.as_instanceof_cause()
+        if isinstance(cause, KeyError):
+            raise UserError(cause.args[0]) from None
+        raise cause from None
+
+
+def cmd_daemon(args) -> int:
+    from l2cluster import daemon
+
+    if args.action == "start":
+        if args.address:
+            daemon.connect(args.address)
+            daemon.start_coordinator(args.store or daemon.default_store(), plugin_dirs=args.plugin_dir or [],
+                                     data_dir=args.data_dir, idle_release_s=args.idle_release_s)
+            print(f"coordinator running on the cluster at {args.address}")
+            return 0
+        state = daemon.spawn_local_daemon(Path(args.store or daemon.default_store()).resolve(),
+                                          plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
+                                          idle_release_s=args.idle_release_s, num_cpus=args.num_cpus)
+        print(f"local daemon running: pid {state['pid']}, Ray at {state['address']}, store {state['store']}")
+        return 0
+    if args.action == "stop":
+        if args.address or os.environ.get("RAY_ADDRESS"):
+            import ray
+
+            daemon.connect(args.address)
+            ray.kill(daemon.coordinator())
+            print("coordinator stopped")
+            return 0
+        print("local daemon stopped" if daemon.stop_local_daemon() else "no local daemon was running")
+        return 0
+    daemon.connect(args.address)
+    info = _daemon_call("ping")
+    print(f"coordinator up: store {info['store']}, {info['gangs']} gang(s), {info['running']} job(s) running")
+    return 0
+
+
+def _read_spec_for_submit(path: str) -> dict:
+    from l2cluster.spec import read_spec_file
+
+    return read_spec_file(path)
+
+
+def cmd_submit(args) -> int:
+    from l2cluster.daemon import connect
+
+    spec = _read_spec_for_submit(args.spec)
+    connect(args.address)
+    sub = _daemon_call("submit", spec, args.priority, args.spec)
+    print(sub["experiment"])
+    print(f"{sub['jobs']} job(s), {sub['new']} new", file=sys.stderr)
+    if not args.wait:
+        return 0
+    return _wait_and_report(sub["experiment"])
+
+
+def _wait_and_report(experiment: str) -> int:
+    """Poll until every job of the experiment is finished, printing progress to stderr; then the results."""
+    interval = 1.0 if sys.stderr.isatty() else 2.0
+    last = None
+    while True:
+        jobs = _daemon_call("status", experiment)
+        counts: dict[str, int] = {}
+        for j in jobs:
+            counts[j["state"]] = counts.get(j["state"], 0) + 1
+        line = "  ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+        if line != last:
+            print(f"[{time.strftime('%H:%M:%S')}] {experiment}: {line}", file=sys.stderr, flush=True)
+            last = line
+        if all(j["state"] in ("succeeded", "failed", "diverged", "cancelled") for j in jobs):
+            break
+        time.sleep(interval)
+    rows = _daemon_call("results", experiment)
+    print(_results_table(rows))
+    return 1 if any(r["state"] == "failed" for r in rows) else 0
+
+
+def _results_table(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        final = (r.get("result") or {}).get("final") or {}
+        settings = " ".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) or "-"
+        out.append((r["job"], r["label"] or "-", settings, r["seed"], r["state"], _fmt(final.get("val_acc")),
+                    _fmt(final.get("test_acc")), _fmt(final.get("epochs_run")), r["node"] or "-"))
+    return _table(("job", "variant", "settings", "seed", "outcome", "val_acc", "test_acc", "epochs", "node"), out)
+
+
+def cmd_status(args) -> int:
+    from l2cluster.daemon import connect
+
+    connect(args.address)
+    if args.experiment is None:
+        rows = [(e["experiment"], e["priority"], time.strftime("%Y-%m-%d %H:%M", time.localtime(e["submitted_at"])),
+                 " ".join(f"{k}={v}" for k, v in sorted(e["counts"].items())))
+                for e in _daemon_call("status")]
+        print(_table(("experiment", "priority", "submitted", "jobs"), rows))
+        return 0
+    jobs = _daemon_call("status", args.experiment)
+    rows = [(j["job"], j["label"] or "-", j["seed"], j["state"], j["epoch"], j["attempts"], j["node"] or "-")
+            for j in jobs]
+    print(_table(("job", "variant", "seed", "state", "epoch", "attempts", "node"), rows))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from l2cluster.daemon import connect
+
+    connect(args.address)
+    n = _daemon_call("cancel", args.target)
+    print(f"cancelled {n} job(s)")
+    return 0
+
+
+def cmd_results(args) -> int:
+    from l2cluster.daemon import connect
+
+    connect(args.address)
+    print(_results_table(_daemon_call("results", args.experiment)))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from l2cluster.daemon import connect
+
+    connect(args.address)
+    info = _daemon_call("logs", args.job)
+    for e in info["events"]:
+        at = time.strftime("%H:%M:%S", time.localtime(e["at"]))
+        print(f"{at}  {e['from'] or '-':>9} → {e['to']:<9} attempt {e['attempt']}  {e['detail'] or ''}".rstrip())
+    for m in info["epochs"]:
+        print("epoch " + " ".join(f"{k}={_round(v)}" for k, v in m.items() if k != "epoch") + f" [{m['epoch']}]")
+    if info["result"] and info["result"]["error"]:
+        print(f"error: {info['result']['error']}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """The embedded default: a local Ray, a coordinator, the whole sweep, the results, a clean shutdown."""
+    import ray
+
+    from l2cluster import daemon
+
+    spec = _read_spec_for_submit(args.spec)
+    state = daemon.read_state()
+    store = Path(args.store or daemon.default_store()).resolve()
+    if state and daemon._alive(state["pid"]) and Path(state["store"]).resolve() == store:
+        raise UserError("a local daemon is running on the same store; use `l2cluster submit --wait` instead, "
+                        "or pass --store")
+    t0 = time.perf_counter()
+    daemon.start_local_ray(args.num_cpus)
+    try:
+        handle = daemon.start_coordinator(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
+                                          idle_release_s=args.idle_release_s, detached=False)
+        sub = _daemon_call("submit", spec, args.priority, args.spec)
+        print(f"{sub['experiment']}: {sub['jobs']} job(s) on a local Ray with "
+              f"{int(ray.cluster_resources().get('CPU', 0))} CPU(s)", file=sys.stderr)
+        code = _wait_and_report(sub["experiment"])
+        ray.get(handle.shutdown.remote(), timeout=30)
+    finally:
+        ray.shutdown()
+    print(f"done in {time.perf_counter() - t0:.1f} s; store {store}", file=sys.stderr)
+    return code
+
+
 def _round(v):
     return round(v, 5) if isinstance(v, float) else v
 
@@ -194,6 +368,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the config's JSON Schema")
     p.set_defaults(fn=cmd_plugins_show)
 
+    def daemon_options(p, store_default_help="the local daemon's store"):
+        p.add_argument("--store", help=f"SQLite store path (default: {store_default_help})")
+        p.add_argument("--data-dir", help="MNIST folder on the coordinator's node (else L2CLUSTER_DATA, the cache)")
+        p.add_argument("--idle-release-s", type=float, default=60.0, help="release gangs idle this long")
+        p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray head (default: all)")
+
+    p = sub.add_parser("daemon", help="start, stop or check the daemon (a coordinator on a Ray cluster)")
+    p.add_argument("action", choices=("start", "stop", "status"))
+    p.add_argument("--address", help="an existing Ray cluster (else RAY_ADDRESS; else a local head on 127.0.0.1)")
+    daemon_options(p)
+    p.set_defaults(fn=cmd_daemon)
+
+    p = sub.add_parser("submit", help="queue a spec's jobs on the daemon; prints the experiment id")
+    p.add_argument("spec")
+    p.add_argument("--priority", type=int, default=0, help="higher runs first")
+    p.add_argument("--wait", action="store_true", help="wait for every job, showing progress, then print results")
+    p.add_argument("--address")
+    p.set_defaults(fn=cmd_submit)
+
+    p = sub.add_parser("status", help="experiments, or one experiment's jobs")
+    p.add_argument("experiment", nargs="?")
+    p.add_argument("--address")
+    p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel an experiment's unfinished jobs, or one job")
+    p.add_argument("target", metavar="EXP|JOB")
+    p.add_argument("--address")
+    p.set_defaults(fn=cmd_cancel)
+
+    p = sub.add_parser("results", help="final metrics of an experiment's jobs")
+    p.add_argument("experiment")
+    p.add_argument("--address")
+    p.set_defaults(fn=cmd_results)
+
+    p = sub.add_parser("logs", help="a job's state changes, epochs and error")
+    p.add_argument("job")
+    p.add_argument("--address")
+    p.set_defaults(fn=cmd_logs)
+
+    p = sub.add_parser("run", help="run a spec on an embedded local Ray and print the results (the default)")
+    p.add_argument("spec")
+    p.add_argument("--priority", type=int, default=0)
+    daemon_options(p, "~/.local/state/l2cluster/store.db")
+    p.set_defaults(fn=cmd_run)
+
     p = spec_command("train", cmd_train, "train a spec's jobs one after another in this process (debugging path)")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (else L2CLUSTER_DATA, else the cache)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing MNIST files")
@@ -212,6 +431,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as e:
         print(e.render(), file=sys.stderr)
     except (UserError, DataError, PluginError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        from l2cluster.daemon import DaemonError
+        from l2cluster.store import StoreError
+
+        if not isinstance(e, (DaemonError, StoreError)):
+            raise
         print(f"error: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,0 +1,266 @@
+"""The coordinator: a named Ray actor that owns the queue and the store and runs jobs on warm gangs.
+
+Queue order is priority, then submission. Jobs run concurrently up to what the cluster can hold: a queued job
+takes an idle gang of its shape, or a new gang when the cluster has room. Every state change goes through
+the store. Idle gangs are released after `idle_release_s`. On start it re-queues what a previous coordinator
+left placing or running, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from l2cluster.gang import Gang, GangShape
+from l2cluster.log import configure_logging, get_logger
+from l2cluster.states import JobState
+from l2cluster.store import Store
+
+NAMESPACE = "l2cluster"
+NAME = "coordinator"
+_TICK_S = 0.05
+
+
+@dataclass
+class RunningJob:
+    gang: Gang
+    cancel_requested: bool = False
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class Coordinator:
+    def __init__(self, store_path: str, *, plugin_dirs: list[str] | None = None, data_dir: str | None = None,
+                 idle_release_s: float = 60.0, strategy: str = "STRICT_PACK", max_jobs: int = 10_000,
+                 form_timeout_s: float = 120.0):
+        from l2cluster.registry import load_registry
+
+        configure_logging(json=True)
+        self.log = get_logger(component="coordinator")
+        self.store = Store(store_path)
+        self.plugin_dirs = list(plugin_dirs or [])
+        self.registry = load_registry(self.plugin_dirs)
+        self.data_dir = data_dir
+        self.idle_release_s, self.strategy, self.max_jobs = idle_release_s, strategy, max_jobs
+        self.form_timeout_s = form_timeout_s
+        self.gangs: dict[str, Gang] = {}
+        self.running: dict[str, RunningJob] = {}
+        self.pending_cpus = 0.0
+        self.pending_gpus = 0.0
+        self.mnist_ref = None
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        # Jobs a previous coordinator left in flight go back to the queue (their gangs died with it).
+        for row in self.store.jobs(states=[JobState.PLACING, JobState.RUNNING]):
+            self.store.transition(row["id"], JobState.QUEUED, detail="re-queued after a coordinator restart")
+
+    # -- public API (called by the CLI) ---------------------------------------------------------------------
+    async def ping(self) -> dict:
+        self._ensure_loop()
+        return {"store": str(self.store.path), "gangs": len(self.gangs), "running": len(self.running)}
+
+    async def submit(self, spec: dict, priority: int = 0, source: str = "<spec>") -> dict:
+        """Validate and queue an experiment; SpecError (with every bad field) when it is refused."""
+        from l2cluster.spec import expand, parse_spec
+
+        self._ensure_loop()
+        parsed = parse_spec(spec, self.registry, source=source)
+        jobs = expand(parsed, self.registry, max_jobs=self.max_jobs)
+        digest = hashlib.sha256(json.dumps(parsed.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        experiment_id = f"{parsed.name}-{digest[:8]}"
+        added = self.store.add_experiment(experiment_id, parsed.name, parsed.model_dump(mode="json"), jobs,
+                                          priority=priority)
+        self.log.info("experiment_submitted", experiment=experiment_id, jobs=len(jobs), new=added)
+        self._wake.set()
+        return {"experiment": experiment_id, "jobs": len(jobs), "new": added}
+
+    async def status(self, experiment_id: str | None = None) -> list[dict]:
+        self._ensure_loop()
+        if experiment_id is None:
+            return [{"experiment": e["id"], "priority": e["priority"], "submitted_at": e["submitted_at"],
+                     "counts": self.store.counts(e["id"])} for e in self.store.experiments()]
+        self._need_experiment(experiment_id)
+        return [_job_dict(r) for r in self.store.jobs(experiment_id)]
+
+    async def results(self, experiment_id: str) -> list[dict]:
+        self._need_experiment(experiment_id)
+        return [{**_job_dict(r), "result": self.store.result(r["id"])} for r in self.store.jobs(experiment_id)]
+
+    async def logs(self, job_id: str) -> dict:
+        row = self.store.job(job_id)
+        if row is None:
+            raise KeyError(f"no job {job_id!r}; `l2cluster status EXPERIMENT` lists job ids")
+        events = [{"at": e["at"], "from": e["old_state"], "to": e["new_state"], "attempt": e["attempt"],
+                   "detail": e["detail"]} for e in self.store.events(job_id)]
+        return {"job": _job_dict(row), "events": events, "epochs": self.store.epochs(job_id),
+                "result": self.store.result(job_id)}
+
+    async def cancel(self, target: str) -> int:
+        """Cancel an experiment's unfinished jobs, or one job; returns how many were cancelled or told to stop."""
+        self._ensure_loop()
+        rows = self.store.jobs(target) if self.store.experiment(target) else [r for r in [self.store.job(target)] if r]
+        if not rows:
+            raise KeyError(f"no experiment or job {target!r}")
+        n = 0
+        for row in rows:
+            state = JobState(row["state"])
+            if state is JobState.QUEUED:
+                self.store.transition(row["id"], JobState.CANCELLED, detail="cancelled while queued")
+                n += 1
+            elif row["id"] in self.running:
+                running = self.running[row["id"]]
+                running.cancel_requested = True
+                for w in running.gang.workers:
+                    w.cancel.remote()
+                n += 1
+        self._wake.set()
+        return n
+
+    async def gangs_info(self) -> list[dict]:
+        out = []
+        for g in self.gangs.values():
+            infos = await asyncio.gather(*[w.info.remote() for w in g.workers]) if g.ready else []
+            out.append({"gang": g.id, "shape": g.shape.__dict__, "busy": g.busy, "ranks": infos})
+        return out
+
+    async def report_epoch(self, job_id: str, epoch: int, metrics: dict) -> None:
+        if self.store.job(job_id) is not None:
+            self.store.record_epoch(job_id, epoch, metrics)
+
+    async def shutdown(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+        for g in list(self.gangs.values()):
+            self._drop(g)
+
+    # -- scheduling -----------------------------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None:
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self._schedule()
+                self._release_idle()
+            except Exception as e:  # the loop must survive anything one job or gang does
+                self.log.error("schedule_failed", error=f"{type(e).__name__}: {e}")
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=_TICK_S * 10)
+
+    def _schedule(self) -> None:
+        queued = self.store.queued()
+        if not queued:
+            return
+        gpus = ray.cluster_resources().get("GPU", 0)
+        available = ray.available_resources()
+        free_cpus = available.get("CPU", 0) - self.pending_cpus
+        free_gpus = available.get("GPU", 0) - self.pending_gpus
+        from l2cluster.spec import spec_models
+
+        train_model = spec_models(self.registry).train
+        for row in queued:
+            config = train_model.model_validate_json(row["config_json"])
+            shape = GangShape.of(config, gpus)
+            gang = next((g for g in self.gangs.values() if g.shape == shape and not g.busy), None)
+            if gang is None:
+                need_cpus = shape.cpus_per_worker * shape.num_workers
+                need_gpus = shape.gpus_per_worker * shape.num_workers
+                if need_cpus > free_cpus + 1e-9 or need_gpus > free_gpus + 1e-9:
+                    continue  # no room now; a smaller job further down may still fit
+                free_cpus -= need_cpus
+                free_gpus -= need_gpus
+                gang = Gang.create(shape, strategy=self.strategy, plugin_dirs=self.plugin_dirs)
+                self.gangs[gang.id] = gang
+            gang.busy = True
+            self.store.transition(row["id"], JobState.PLACING)
+            self.running[row["id"]] = RunningJob(gang)
+            asyncio.get_running_loop().create_task(self._run(row["id"], row["config_json"], row["attempts"] + 1))
+
+    async def _run(self, job_id: str, config_json: str, attempt: int) -> None:
+        running = self.running[job_id]
+        gang = running.gang
+        log = self.log.bind(job_id=job_id, gang=gang.id, attempt=attempt)
+        try:
+            if not gang.ready:
+                shape = gang.shape
+                self.pending_cpus += shape.cpus_per_worker * shape.num_workers
+                self.pending_gpus += shape.gpus_per_worker * shape.num_workers
+                try:
+                    await gang.form(self._mnist(), self.form_timeout_s)
+                finally:
+                    self.pending_cpus -= shape.cpus_per_worker * shape.num_workers
+                    self.pending_gpus -= shape.gpus_per_worker * shape.num_workers
+                log.info("gang_formed", pids=[i["pid"] for i in gang.infos], node=gang.node)
+        except (RayError, asyncio.TimeoutError, OSError) as e:
+            log.warning("gang_failed", error=f"{type(e).__name__}: {e}")
+            self._drop(gang)
+            self.running.pop(job_id, None)
+            self.store.transition(job_id, JobState.QUEUED, detail=f"placement failed: {type(e).__name__}: {e}")
+            self._wake.set()
+            return
+        self.store.transition(job_id, JobState.RUNNING, node=gang.node)
+        if running.cancel_requested:
+            for w in gang.workers:
+                w.cancel.remote()
+        me = ray.get_runtime_context().current_actor
+        try:
+            config = json.loads(config_json)
+            outs = await asyncio.gather(*[w.run.remote(job_id, config, attempt, me) for w in gang.workers])
+            out = outs[0]
+            outcome = "cancelled" if running.cancel_requested and out["outcome"] == "cancelled" else out["outcome"]
+            self.store.finish(job_id, outcome, out["final"], error=out["error"], diverged_epoch=out["diverged_epoch"])
+            log.info("job_finished", outcome=outcome)
+            gang.busy, gang.idle_since = False, time.time()
+        except RayActorError as e:  # a rank died: the gang is gone with it
+            log.warning("rank_died", error=str(e)[:300])
+            self._drop(gang)
+            self.store.finish(job_id, "failed", {}, error=f"a rank of its gang died: {str(e)[:500]}")
+        finally:
+            self.running.pop(job_id, None)
+            self._wake.set()
+
+    def _mnist(self):
+        if self.mnist_ref is None:
+            from l2cluster.data import load_mnist
+
+            m = load_mnist(self.data_dir)
+            # Put once; every rank on a node then reads the same shared-memory copy (numpy is zero-copy).
+            self.mnist_ref = ray.put({k: getattr(m, k).numpy() for k in
+                                      ("train_images", "train_labels", "test_images", "test_labels")})
+        return self.mnist_ref
+
+    def _release_idle(self) -> None:
+        now = time.time()
+        for g in list(self.gangs.values()):
+            if g.ready and not g.busy and now - g.idle_since > self.idle_release_s:
+                self.log.info("gang_released", gang=g.id, idle_s=round(now - g.idle_since, 1))
+                self._drop(g)
+
+    def _drop(self, gang: Gang) -> None:
+        self.gangs.pop(gang.id, None)
+        try:
+            gang.release()
+        except Exception as e:  # already gone
+            self.log.warning("gang_release_failed", gang=gang.id, error=str(e)[:200])
+
+    def _need_experiment(self, experiment_id: str) -> None:
+        if self.store.experiment(experiment_id) is None:
+            known = ", ".join(e["id"] for e in self.store.experiments()[-5:]) or "none"
+            raise KeyError(f"no experiment {experiment_id!r}; recent: {known}")
+
+
+def _job_dict(row) -> dict:
+    return {"job": row["id"], "experiment": row["experiment_id"], "label": row["label"],
+            "overrides": json.loads(row["overrides_json"]), "seed": row["seed"], "state": row["state"],
+            "epoch": row["epoch"], "attempts": row["attempts"], "node": row["node"], "error": row["error"],
+            "priority": row["priority"], "submitted_at": row["submitted_at"], "started_at": row["started_at"],
+            "finished_at": row["finished_at"]}

@@ -1,0 +1,176 @@
+"""Reaching the daemon: connect to a Ray cluster (or start a local one on 127.0.0.1), start, find and stop the
+coordinator. `python -m l2cluster.daemon` is the long-lived host process of a local daemon: it owns the local
+Ray head and the coordinator, and stops both (and nothing else) when it gets SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+from l2cluster.coordinator import NAME, NAMESPACE, Coordinator
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot be reached or started; the message says what to do."""
+
+
+def home() -> Path:
+    """Where the local daemon keeps its state file, log and (by default) the store."""
+    return Path(os.environ.get("L2CLUSTER_HOME") or Path.home() / ".local" / "state" / "l2cluster")
+
+
+def default_store() -> Path:
+    return home() / "store.db"
+
+
+def _state_file() -> Path:
+    return home() / "daemon.json"
+
+
+def read_state() -> dict | None:
+    try:
+        return json.loads(_state_file().read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """A Ray head bound to 127.0.0.1, in this process (ray.shutdown() stops exactly what it started)."""
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", namespace=NAMESPACE,
+             log_to_driver=False, logging_level="ERROR", configure_logging=False)
+
+
+def connect(address: str | None = None) -> None:
+    """Connect this process to the daemon's cluster: --address, else RAY_ADDRESS, else the local daemon."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or (read_state() or {}).get("address")
+    if not address:
+        raise DaemonError("no daemon to talk to: start one with `l2cluster daemon start`, or pass --address "
+                          "(or set RAY_ADDRESS) for a daemon on an existing Ray cluster")
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR",
+                 configure_logging=False)
+    except (ConnectionError, RuntimeError) as e:
+        raise DaemonError(f"cannot reach the Ray cluster at {address}: {e}") from None
+
+
+def coordinator():
+    try:
+        return ray.get_actor(NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise DaemonError("no l2cluster coordinator runs on this cluster: start it with `l2cluster daemon "
+                          "start` (add --address to start it on an existing cluster)") from None
+
+
+def start_coordinator(store: str | Path, *, plugin_dirs=(), data_dir: str | None = None,
+                      idle_release_s: float = 60.0, detached: bool = True):
+    """Create the named coordinator (or return the running one) and wait until it answers."""
+    handle = Coordinator.options(
+        name=NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached" if detached else None,
+    ).remote(str(Path(store).expanduser().resolve()), plugin_dirs=list(plugin_dirs), data_dir=data_dir,
+             idle_release_s=idle_release_s)
+    ray.get(handle.ping.remote())
+    return handle
+
+
+def spawn_local_daemon(store: Path, *, plugin_dirs=(), data_dir: str | None, idle_release_s: float,
+                       num_cpus: int | None, timeout_s: float = 90.0) -> dict:
+    """Start `python -m l2cluster.daemon` in its own session and wait for it to publish its address."""
+    if (state := read_state()) and _alive(state["pid"]):
+        return state
+    home().mkdir(parents=True, exist_ok=True)
+    _state_file().unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "l2cluster.daemon", "--store", str(store), "--idle-release-s", str(idle_release_s)]
+    cmd += ["--data-dir", data_dir] if data_dir else []
+    cmd += ["--num-cpus", str(num_cpus)] if num_cpus else []
+    for d in plugin_dirs:
+        cmd += ["--plugin-dir", str(d)]
+    log = open(home() / "daemon.log", "ab")
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        state = read_state()
+        if state and state.get("pid") == proc.pid:
+            return state
+        if proc.poll() is not None:
+            raise DaemonError(f"the daemon exited with code {proc.returncode}; see {home() / 'daemon.log'}")
+        time.sleep(0.2)
+    proc.terminate()
+    raise DaemonError(f"the daemon did not start within {timeout_s:.0f} s; see {home() / 'daemon.log'}")
+
+
+def stop_local_daemon(timeout_s: float = 60.0) -> bool:
+    """SIGTERM the local daemon's host process (by its PID) and wait for it; False when none runs."""
+    state = read_state()
+    if not state or not _alive(state["pid"]):
+        _state_file().unlink(missing_ok=True)
+        return False
+    os.kill(state["pid"], signal.SIGTERM)
+    deadline = time.time() + timeout_s
+    while _alive(state["pid"]) and time.time() < deadline:
+        time.sleep(0.2)
+    if _alive(state["pid"]):
+        raise DaemonError(f"the daemon (pid {state['pid']}) did not stop within {timeout_s:.0f} s")
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); ask the OS whether it has really run to completion.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def host_main(argv=None) -> int:
+    """The local daemon's host process: Ray head + coordinator until SIGTERM."""
+    p = argparse.ArgumentParser(prog="python -m l2cluster.daemon")
+    p.add_argument("--store", required=True)
+    p.add_argument("--data-dir")
+    p.add_argument("--plugin-dir", action="append", default=[])
+    p.add_argument("--idle-release-s", type=float, default=60.0)
+    p.add_argument("--num-cpus", type=int)
+    args = p.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    start_local_ray(args.num_cpus)
+    try:
+        handle = start_coordinator(args.store, plugin_dirs=args.plugin_dir, data_dir=args.data_dir,
+                                   idle_release_s=args.idle_release_s, detached=False)
+        state = {"pid": os.getpid(), "address": ray.get_runtime_context().gcs_address, "store": args.store}
+        tmp = _state_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(_state_file())
+        while not stop.wait(0.5):
+            pass
+        with contextlib.suppress(Exception):  # stopping anyway
+            ray.get(handle.shutdown.remote(), timeout=20)
+    finally:
+        state = read_state()
+        if state and state.get("pid") == os.getpid():
+            _state_file().unlink(missing_ok=True)
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(host_main())

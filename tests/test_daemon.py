@@ -1,0 +1,172 @@
+"""The daemon on a real local Ray: 2-rank gloo gangs, warm reuse, cancel and priority, the store behind
+`submit --wait`/`status`/`results`/`logs`, and a restart of the daemon process."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import ray
+import yaml
+
+from l2cluster.cli import main
+from l2cluster.daemon import start_coordinator, start_local_ray
+from l2cluster.store import Store
+
+TINY = {"model": {"hidden_sizes": [16]}, "data": {"batch_size": 50, "val_size": 100},
+        "optimizer": {"name": "adam", "lr": 0.01}, "epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_mnist_dir):
+    """A local Ray with 4 logical CPUs and a coordinator on a fresh store."""
+    store = tmp_path_factory.mktemp("daemon") / "store.db"
+    start_local_ray(num_cpus=4)
+    handle = start_coordinator(store, data_dir=str(tiny_mnist_dir), idle_release_s=300, detached=False)
+    yield {"store": store, "handle": handle}
+    ray.get(handle.shutdown.remote(), timeout=30)
+    ray.shutdown()
+
+
+def write_spec(tmp_path, name, **fields):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, **TINY, **fields}))
+    return str(path)
+
+
+def submit(spec, *extra, capsys):
+    code = main(["submit", spec, *extra])
+    out = capsys.readouterr().out
+    return code, out
+
+
+def wait_for(predicate, timeout=60.0, every=0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def jobs_of(cluster, experiment):
+    return ray.get(cluster["handle"].status.remote(experiment))
+
+
+def test_submit_wait_runs_two_rank_jobs_and_stores_their_results(cluster, tmp_path, capsys):
+    spec = write_spec(tmp_path, "two-ranks", scaling={"num_workers": 2},
+                      sweep={"seeds": [0, 1], "grid": {"optimizer.lr": [0.01, 0.003]}})
+    code, out = submit(spec, "--wait", capsys=capsys)
+    assert code == 0
+    experiment = out.splitlines()[0]
+    rows = [line for line in out.splitlines() if re.match(r"^[0-9a-f]{16}\s", line)]
+    assert len(rows) == 4 and all(" succeeded " in r for r in rows)
+    store = Store(cluster["store"])
+    jobs = store.jobs(experiment)
+    assert [j["state"] for j in jobs] == ["succeeded"] * 4
+    for j in jobs:
+        assert len(store.epochs(j["id"])) == 1 and store.result(j["id"])["final"]["test_acc"] > 0.5
+    assert main(["results", experiment]) == 0
+    assert capsys.readouterr().out.count("succeeded") == 4
+    assert main(["logs", jobs[0]["id"]]) == 0
+    log = capsys.readouterr().out
+    assert "queued → placing" in log.replace("  ", " ") or "placing" in log
+    assert "running → succeeded" in re.sub(r"\s+", " ", log)
+
+
+def test_one_and_two_ranks_train_the_same_parameters(cluster, tmp_path, capsys):
+    fields = dict(model={"hidden_sizes": [16], "dtype": "float64"}, epochs=2, seed=3)
+    finals = []
+    for workers in (1, 2):
+        spec = write_spec(tmp_path, f"ranks-{workers}", scaling={"num_workers": workers}, **fields)
+        code, out = submit(spec, "--wait", capsys=capsys)
+        assert code == 0
+        (job,) = ray.get(cluster["handle"].results.remote(out.splitlines()[0]))
+        finals.append(job["result"]["final"])
+    assert finals[0]["param_sum"] == pytest.approx(finals[1]["param_sum"], rel=1e-10)
+    assert finals[0]["val_loss"] == pytest.approx(finals[1]["val_loss"], rel=1e-10)
+
+
+def test_gangs_stay_warm_same_processes_one_process_group(cluster, tmp_path, capsys):
+    def two_rank_gangs():
+        return [g for g in ray.get(cluster["handle"].gangs_info.remote()) if g["shape"]["num_workers"] == 2]
+
+    before = two_rank_gangs()
+    assert before, "the first test leaves warm 2-rank gangs"
+    pids_before = {r["pid"] for g in before for r in g["ranks"]}
+    runs_before = sum(r["jobs_run"] for g in before for r in g["ranks"])
+    spec = write_spec(tmp_path, "warm", scaling={"num_workers": 2}, sweep={"seeds": [5, 6, 7]})
+    assert submit(spec, "--wait", capsys=capsys)[0] == 0
+    after = two_rank_gangs()
+    assert {r["pid"] for g in after for r in g["ranks"]} == pids_before  # no new processes
+    assert sum(r["jobs_run"] for g in after for r in g["ranks"]) == runs_before + 3 * 2
+    assert all(r["process_groups_started"] == 1 for g in after for r in g["ranks"])  # no new process group
+
+
+def test_cancel_frees_the_gang_and_priority_overtakes_the_queue(cluster, tmp_path, capsys):
+    whole = {"scaling": {"num_workers": 1, "cpus_per_worker": 4}}  # one gang fills the cluster: jobs queue
+    long = write_spec(tmp_path, "long", epochs=500, **whole)
+    code, out = submit(long, capsys=capsys)
+    long_exp = out.strip()
+    wait_for(lambda: jobs_of(cluster, long_exp)[0]["state"] == "running" and jobs_of(cluster, long_exp)[0]["epoch"])
+    low = submit(write_spec(tmp_path, "low", sweep={"seeds": [1, 2]}, **whole), capsys=capsys)[1].strip()
+    high = submit(write_spec(tmp_path, "high", **whole), "--priority", "5", capsys=capsys)[1].strip()
+    (long_job,) = jobs_of(cluster, long_exp)
+    t_cancel = time.time()
+    assert main(["cancel", long_job["job"]]) == 0
+    capsys.readouterr()
+    wait_for(lambda: jobs_of(cluster, long_exp)[0]["state"] == "cancelled", timeout=20)
+    assert time.time() - t_cancel < 10
+    wait_for(lambda: all(j["state"] == "succeeded" for j in jobs_of(cluster, low) + jobs_of(cluster, high)),
+             timeout=120)
+    started = sorted((j["started_at"], j["experiment"]) for j in jobs_of(cluster, low) + jobs_of(cluster, high))
+    assert started[0][1] == high  # submitted last, ran first
+    assert jobs_of(cluster, long_exp)[0]["epoch"] < 500
+
+
+def test_a_bad_spec_is_refused_and_the_daemon_keeps_serving(cluster, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "bad", "optimizer": {"name": "adam"}, "regularizers": [{"name": "l9"}]}))
+    assert main(["submit", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "regularizers[0]" in err and "Traceback" not in err
+    assert ray.get(cluster["handle"].ping.remote())["store"]
+
+
+def _cli(*args, env):
+    return subprocess.run([sys.executable, "-m", "l2cluster.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=240)
+
+
+def test_status_survives_a_daemon_restart(tmp_path, tiny_mnist_dir):
+    env = {**os.environ, "L2CLUSTER_HOME": str(tmp_path / "home")}
+    env.pop("RAY_ADDRESS", None)
+    spec = tmp_path / "restart.yaml"
+    spec.write_text(textwrap.dedent("""
+        name: restart
+        model: {hidden_sizes: [8]}
+        data: {batch_size: 50, val_size: 100}
+        optimizer: {name: adam, lr: 0.01}
+        epochs: 1
+        sweep: {seeds: [0, 1]}
+    """))
+    start = ["daemon", "start", "--data-dir", str(tiny_mnist_dir), "--num-cpus", "2"]
+    try:
+        assert _cli(*start, env=env).returncode == 0
+        run = _cli("submit", str(spec), "--wait", env=env)
+        assert run.returncode == 0, run.stderr
+        experiment = run.stdout.splitlines()[0]
+        assert _cli("daemon", "stop", env=env).returncode == 0
+        assert _cli("daemon", "start", "--num-cpus", "2", env=env).returncode == 0
+        status = _cli("status", env=env)
+        assert re.search(rf"{experiment}\s+0\s+\S+ \S+\s+succeeded=2", status.stdout), status.stdout + status.stderr
+        jobs = _cli("status", experiment, env=env)
+        assert jobs.stdout.count("succeeded") == 2
+    finally:
+        _cli("daemon", "stop", env=env)
