@@ -175,6 +175,14 @@ class Coordinator:
                 need_cpus = shape.cpus_per_worker * shape.num_workers
                 need_gpus = shape.gpus_per_worker * shape.num_workers
                 if need_cpus > free_cpus + 1e-9 or need_gpus > free_gpus + 1e-9:
+                    # Idle gangs of other shapes hold resources: release one to make room for this job.
+                    idle = sorted((g for g in self.gangs.values() if g.ready and not g.busy and g.shape != shape),
+                                  key=lambda g: g.idle_since)
+                    if idle:
+                        self.log.info("gang_released", gang=idle[0].id, reason="room for another shape")
+                        self._drop(idle[0])
+                        self._wake.set()
+                        return  # resources come back asynchronously; schedule again on the next tick
                     continue  # no room now; a smaller job further down may still fit
                 free_cpus -= need_cpus
                 free_gpus -= need_gpus

@@ -94,19 +94,21 @@ def test_one_and_two_ranks_train_the_same_parameters(cluster, tmp_path, capsys):
 
 
 def test_gangs_stay_warm_same_processes_one_process_group(cluster, tmp_path, capsys):
-    def two_rank_gangs():
-        return [g for g in ray.get(cluster["handle"].gangs_info.remote()) if g["shape"]["num_workers"] == 2]
+    """A gang that fills the cluster runs job after job: the same rank processes, one process group."""
+    whole = {"scaling": {"num_workers": 2, "cpus_per_worker": 2}}
 
-    before = two_rank_gangs()
-    assert before, "the first test leaves warm 2-rank gangs"
-    pids_before = {r["pid"] for g in before for r in g["ranks"]}
-    runs_before = sum(r["jobs_run"] for g in before for r in g["ranks"])
-    spec = write_spec(tmp_path, "warm", scaling={"num_workers": 2}, sweep={"seeds": [5, 6, 7]})
-    assert submit(spec, "--wait", capsys=capsys)[0] == 0
-    after = two_rank_gangs()
-    assert {r["pid"] for g in after for r in g["ranks"]} == pids_before  # no new processes
-    assert sum(r["jobs_run"] for g in after for r in g["ranks"]) == runs_before + 3 * 2
-    assert all(r["process_groups_started"] == 1 for g in after for r in g["ranks"])  # no new process group
+    def gang():
+        (g,) = [g for g in ray.get(cluster["handle"].gangs_info.remote()) if g["shape"]["cpus_per_worker"] == 2]
+        return g["ranks"]
+
+    assert submit(write_spec(tmp_path, "warm-first", **whole), "--wait", capsys=capsys)[0] == 0
+    first = gang()
+    assert submit(write_spec(tmp_path, "warm-next", sweep={"seeds": [5, 6, 7]}, **whole), "--wait",
+                  capsys=capsys)[0] == 0
+    after = gang()
+    assert [r["pid"] for r in after] == [r["pid"] for r in first]  # no new processes
+    assert [r["jobs_run"] for r in after] == [r["jobs_run"] + 3 for r in first] == [4, 4]
+    assert [r["process_groups_started"] for r in after] == [1, 1]  # no new process group
 
 
 def test_cancel_frees_the_gang_and_priority_overtakes_the_queue(cluster, tmp_path, capsys):
