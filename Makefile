@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/l2cluster train jobs/quickstart.yaml $(DATA_ARG)
+	$(VENV)/bin/l2cluster run jobs/quickstart.yaml $(DATA_ARG)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)

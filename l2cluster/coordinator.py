@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -63,7 +64,8 @@ class Coordinator:
     # -- public API (called by the CLI) ---------------------------------------------------------------------
     async def ping(self) -> dict:
         self._ensure_loop()
-        return {"store": str(self.store.path), "gangs": len(self.gangs), "running": len(self.running)}
+        return {"store": str(self.store.path), "gangs": len(self.gangs), "running": len(self.running),
+                "pid": os.getpid()}
 
     async def submit(self, spec: dict, priority: int = 0, source: str = "<spec>") -> dict:
         """Validate and queue an experiment; SpecError (with every bad field) when it is refused."""
@@ -160,7 +162,8 @@ class Coordinator:
         queued = self.store.queued()
         if not queued:
             return
-        gpus = ray.cluster_resources().get("GPU", 0)
+        total = ray.cluster_resources()
+        gpus = total.get("GPU", 0)
         available = ray.available_resources()
         free_cpus = available.get("CPU", 0) - self.pending_cpus
         free_gpus = available.get("GPU", 0) - self.pending_gpus
@@ -174,6 +177,15 @@ class Coordinator:
             if gang is None:
                 need_cpus = shape.cpus_per_worker * shape.num_workers
                 need_gpus = shape.gpus_per_worker * shape.num_workers
+                if need_cpus > total.get("CPU", 0) + 1e-9 or need_gpus > gpus + 1e-9 or (
+                        config.scaling.use_gpu is True and not gpus):
+                    why = (f"needs {need_cpus:g} CPU(s) and {need_gpus:g} GPU(s)"
+                           + (" (scaling.use_gpu: true)" if config.scaling.use_gpu is True else "")
+                           + f"; the whole cluster has {total.get('CPU', 0):g} CPU(s) and {gpus:g} GPU(s): "
+                           "lower scaling.num_workers / cpus_per_worker, or set use_gpu: auto")
+                    self.store.transition(row["id"], JobState.PLACING)
+                    self.store.finish(row["id"], "failed", {}, error=why)
+                    continue
                 if need_cpus > free_cpus + 1e-9 or need_gpus > free_gpus + 1e-9:
                     # Idle gangs of other shapes hold resources: release one to make room for this job.
                     idle = sorted((g for g in self.gangs.values() if g.ready and not g.busy and g.shape != shape),

@@ -97,8 +97,8 @@ def spawn_local_daemon(store: Path, *, plugin_dirs=(), data_dir: str | None, idl
     cmd += ["--num-cpus", str(num_cpus)] if num_cpus else []
     for d in plugin_dirs:
         cmd += ["--plugin-dir", str(d)]
-    log = open(home() / "daemon.log", "ab")
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    with open(home() / "daemon.log", "ab") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         state = read_state()

@@ -172,3 +172,11 @@ def test_status_survives_a_daemon_restart(tmp_path, tiny_mnist_dir):
         assert jobs.stdout.count("succeeded") == 2
     finally:
         _cli("daemon", "stop", env=env)
+
+
+def test_a_job_the_cluster_can_never_hold_fails_with_the_reason(cluster, tmp_path, capsys):
+    spec = write_spec(tmp_path, "too-big", scaling={"num_workers": 8})
+    code, out = submit(spec, "--wait", capsys=capsys)
+    assert code == 1
+    (job,) = ray.get(cluster["handle"].results.remote(out.splitlines()[0]))
+    assert job["state"] == "failed" and "the whole cluster has 4 CPU(s)" in job["result"]["error"]
