@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -45,8 +46,27 @@ def read_state() -> dict | None:
         return None
 
 
+def ensure_auth_token() -> None:
+    """Make sure Ray's token file exists before any process starts or joins a cluster.
+
+    Ray (2.59+) turns token authentication on for new local clusters, but when ~/.ray/auth_token is missing a
+    head and a client that start close together can each invent their own token, and the client is refused
+    ("InvalidAuthToken"). Writing the one token first, readable by its owner only, avoids that race."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+
+
 def start_local_ray(num_cpus: int | None = None) -> None:
     """A Ray head bound to 127.0.0.1, in this process (ray.shutdown() stops exactly what it started)."""
+    ensure_auth_token()
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", namespace=NAMESPACE,
              log_to_driver=False, logging_level="ERROR", configure_logging=False)
 
@@ -59,6 +79,14 @@ def connect(address: str | None = None) -> None:
     if not address:
         raise DaemonError("no daemon to talk to: start one with `l2cluster daemon start`, or pass --address "
                           "(or set RAY_ADDRESS) for a daemon on an existing Ray cluster")
+    ensure_auth_token()
+    if "RAY_AUTH_MODE" not in os.environ and not os.environ.get("RAY_AUTH_TOKEN"):
+        # A client joining a cluster sends its token only in token mode; Ray does not infer it from the file.
+        # Ray reads its config once per process, so refresh it as Ray's own token set-up does.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._raylet import Config
+
+        Config.initialize("")
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR",
                  configure_logging=False)
@@ -92,6 +120,7 @@ def spawn_local_daemon(store: Path, *, plugin_dirs=(), data_dir: str | None, idl
         return state
     home().mkdir(parents=True, exist_ok=True)
     _state_file().unlink(missing_ok=True)
+    ensure_auth_token()
     cmd = [sys.executable, "-m", "l2cluster.daemon", "--store", str(store), "--idle-release-s", str(idle_release_s)]
     cmd += ["--data-dir", data_dir] if data_dir else []
     cmd += ["--num-cpus", str(num_cpus)] if num_cpus else []
