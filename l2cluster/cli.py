@@ -167,12 +167,14 @@ def cmd_daemon(args) -> int:
         if args.address:
             daemon.connect(args.address)
             daemon.start_coordinator(args.store or daemon.default_store(), plugin_dirs=args.plugin_dir or [],
-                                     data_dir=args.data_dir, idle_release_s=args.idle_release_s)
+                                     data_dir=args.data_dir, idle_release_s=args.idle_release_s,
+                                     strategy=args.placement_strategy)
             print(f"coordinator running on the cluster at {args.address}")
             return 0
         state = daemon.spawn_local_daemon(Path(args.store or daemon.default_store()).resolve(),
                                           plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
-                                          idle_release_s=args.idle_release_s, num_cpus=args.num_cpus)
+                                          idle_release_s=args.idle_release_s, num_cpus=args.num_cpus,
+                                          strategy=args.placement_strategy)
         print(f"local daemon running: pid {state['pid']}, Ray at {state['address']}, store {state['store']}")
         return 0
     if args.action == "stop":
@@ -306,7 +308,8 @@ def cmd_run(args) -> int:
     daemon.start_local_ray(args.num_cpus)
     try:
         handle = daemon.start_coordinator(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
-                                          idle_release_s=args.idle_release_s, detached=False)
+                                          idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
+                                          detached=False)
         sub = _daemon_call("submit", spec, args.priority, args.spec)
         print(f"{sub['experiment']}: {sub['jobs']} job(s) on a local Ray with "
               f"{int(ray.cluster_resources().get('CPU', 0))} CPU(s)", file=sys.stderr)
@@ -373,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", help="MNIST folder on the coordinator's node (else L2CLUSTER_DATA, the cache)")
         p.add_argument("--idle-release-s", type=float, default=60.0, help="release gangs idle this long")
         p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray head (default: all)")
+        p.add_argument("--placement-strategy", choices=("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"),
+                       default="STRICT_PACK", help="placement group strategy of a gang's ranks")
 
     p = sub.add_parser("daemon", help="start, stop or check the daemon (a coordinator on a Ray cluster)")
     p.add_argument("action", choices=("start", "stop", "status"))

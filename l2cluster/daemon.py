@@ -103,25 +103,26 @@ def coordinator():
 
 
 def start_coordinator(store: str | Path, *, plugin_dirs=(), data_dir: str | None = None,
-                      idle_release_s: float = 60.0, detached: bool = True):
+                      idle_release_s: float = 60.0, strategy: str = "STRICT_PACK", detached: bool = True):
     """Create the named coordinator (or return the running one) and wait until it answers."""
     handle = Coordinator.options(
         name=NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached" if detached else None,
     ).remote(str(Path(store).expanduser().resolve()), plugin_dirs=list(plugin_dirs), data_dir=data_dir,
-             idle_release_s=idle_release_s)
+             idle_release_s=idle_release_s, strategy=strategy)
     ray.get(handle.ping.remote())
     return handle
 
 
 def spawn_local_daemon(store: Path, *, plugin_dirs=(), data_dir: str | None, idle_release_s: float,
-                       num_cpus: int | None, timeout_s: float = 90.0) -> dict:
+                       num_cpus: int | None, strategy: str = "STRICT_PACK", timeout_s: float = 90.0) -> dict:
     """Start `python -m l2cluster.daemon` in its own session and wait for it to publish its address."""
     if (state := read_state()) and _alive(state["pid"]):
         return state
     home().mkdir(parents=True, exist_ok=True)
     _state_file().unlink(missing_ok=True)
     ensure_auth_token()
-    cmd = [sys.executable, "-m", "l2cluster.daemon", "--store", str(store), "--idle-release-s", str(idle_release_s)]
+    cmd = [sys.executable, "-m", "l2cluster.daemon", "--store", str(store), "--idle-release-s", str(idle_release_s),
+           "--placement-strategy", strategy]
     cmd += ["--data-dir", data_dir] if data_dir else []
     cmd += ["--num-cpus", str(num_cpus)] if num_cpus else []
     for d in plugin_dirs:
@@ -177,6 +178,7 @@ def host_main(argv=None) -> int:
     p.add_argument("--plugin-dir", action="append", default=[])
     p.add_argument("--idle-release-s", type=float, default=60.0)
     p.add_argument("--num-cpus", type=int)
+    p.add_argument("--placement-strategy", default="STRICT_PACK")
     args = p.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -184,7 +186,8 @@ def host_main(argv=None) -> int:
     start_local_ray(args.num_cpus)
     try:
         handle = start_coordinator(args.store, plugin_dirs=args.plugin_dir, data_dir=args.data_dir,
-                                   idle_release_s=args.idle_release_s, detached=False)
+                                   idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
+                                   detached=False)
         state = {"pid": os.getpid(), "address": ray.get_runtime_context().gcs_address, "store": args.store}
         tmp = _state_file().with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
