@@ -240,10 +240,11 @@ class Coordinator:
             self.store.finish(job_id, outcome, out["final"], error=out["error"], diverged_epoch=out["diverged_epoch"])
             log.info("job_finished", outcome=outcome)
             gang.busy, gang.idle_since = False, time.time()
-        except RayActorError as e:  # a rank died: the gang is gone with it
-            log.warning("rank_died", error=str(e)[:300])
+        except RayError as e:  # a rank died (or Ray failed the call): the gang cannot be trusted any more
+            what = "a rank of its gang died" if isinstance(e, RayActorError) else "the gang failed"
+            log.warning("gang_lost", error=str(e)[:300])
             self._drop(gang)
-            self.store.finish(job_id, "failed", {}, error=f"a rank of its gang died: {str(e)[:500]}")
+            self.store.finish(job_id, "failed", {}, error=f"{what}: {str(e)[:500]}")
         finally:
             self.running.pop(job_id, None)
             self._wake.set()
