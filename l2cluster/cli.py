@@ -193,16 +193,11 @@ def cmd_daemon(args) -> int:
     return 0
 
 
-def _read_spec_for_submit(path: str) -> dict:
-    from l2cluster.spec import read_spec_file
-
-    return read_spec_file(path)
-
-
 def cmd_submit(args) -> int:
     from l2cluster.daemon import connect
+    from l2cluster.spec import read_spec_file
 
-    spec = _read_spec_for_submit(args.spec)
+    spec = read_spec_file(args.spec)
     connect(args.address)
     sub = _daemon_call("submit", spec, args.priority, args.spec)
     print(sub["experiment"])
@@ -297,8 +292,9 @@ def cmd_run(args) -> int:
     import ray
 
     from l2cluster import daemon
+    from l2cluster.spec import read_spec_file
 
-    spec = _read_spec_for_submit(args.spec)
+    spec = read_spec_file(args.spec)
     state = daemon.read_state()
     store = Path(args.store or daemon.default_store()).resolve()
     if state and daemon._alive(state["pid"]) and Path(state["store"]).resolve() == store:
