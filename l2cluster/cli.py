@@ -164,12 +164,13 @@ def cmd_daemon(args) -> int:
     from l2cluster import daemon
 
     if args.action == "start":
-        if args.address:
-            daemon.connect(args.address)
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            daemon.connect(address)
             daemon.start_coordinator(args.store or daemon.default_store(), plugin_dirs=args.plugin_dir or [],
                                      data_dir=args.data_dir, idle_release_s=args.idle_release_s,
                                      strategy=args.placement_strategy)
-            print(f"coordinator running on the cluster at {args.address}")
+            print(f"coordinator running on the cluster at {address}")
             return 0
         state = daemon.spawn_local_daemon(Path(args.store or daemon.default_store()).resolve(),
                                           plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from l2cluster.coordinator import NAME, NAMESPACE, Coordinator
 
@@ -104,9 +105,14 @@ def coordinator():
 
 def start_coordinator(store: str | Path, *, plugin_dirs=(), data_dir: str | None = None,
                       idle_release_s: float = 60.0, strategy: str = "STRICT_PACK", detached: bool = True):
-    """Create the named coordinator (or return the running one) and wait until it answers."""
+    """Create the named coordinator (or return the running one) and wait until it answers.
+
+    The coordinator runs on this process's node: the store and data paths are paths on this machine, and a
+    worker node that goes away must not take the queue with it."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     handle = Coordinator.options(
         name=NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached" if detached else None,
+        scheduling_strategy=here,
     ).remote(str(Path(store).expanduser().resolve()), plugin_dirs=list(plugin_dirs), data_dir=data_dir,
              idle_release_s=idle_release_s, strategy=strategy)
     ray.get(handle.ping.remote())
