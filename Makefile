@@ -6,8 +6,12 @@ STAMP  := $(VENV)/.installed-stamp
 DATA   ?= $(wildcard ../shared/data/mnist)
 DATA_ARG := $(if $(DATA),--data-dir $(DATA),)
 PYTEST_ARGS ?=
+# The image (deploy/Dockerfile) is tagged with l2cluster's version and the Ray pinned in pyproject.toml.
+VERSION     := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+RAY_VERSION := $(shell sed -n 's/^ *"ray\(\[[a-z,]*\]\)\{0,1\}==\([0-9.]*\)".*/\2/p' pyproject.toml)
+IMAGE       ?= l2cluster:$(VERSION)-ray$(RAY_VERSION)
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint bench docker clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +32,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/reference_vs_l2cluster.py $(DATA_ARG)
+
+# Needs Docker (not available on the development machines): see deploy/README.md.
+docker:
+	docker build -f deploy/Dockerfile --build-arg RAY_VERSION=$(RAY_VERSION) -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
