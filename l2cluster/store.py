@@ -207,7 +207,7 @@ class Store:
             db.execute("UPDATE jobs SET epoch = ? WHERE id = ?", (epoch, job_id))
 
     def finish(self, job_id: str, outcome: str, final: dict, *, error: str | None = None,
-               diverged_epoch: int | None = None) -> None:
+               diverged_epoch: int | None = None, detail: str | None = None) -> None:
         """Record a job's final result and move it to its terminal state, in one transaction: a result is never
         recorded twice, and a job is never terminal without its result."""
         state = JobState(outcome)
@@ -218,7 +218,7 @@ class Store:
                 raise ValueError(f"job {job_id}: a result is already recorded")
             db.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?)",
                        (job_id, state.value, json.dumps(final, sort_keys=True), diverged_epoch, error))
-            self._transition(db, job_id, state, error, {"error": error})
+            self._transition(db, job_id, state, error or detail, {"error": error})
 
     # -- reads ----------------------------------------------------------------------------------------------
     def queued(self, limit: int | None = None) -> list[sqlite3.Row]:
