@@ -169,13 +169,13 @@ def cmd_daemon(args) -> int:
             daemon.connect(address)
             daemon.start_coordinator(args.store or daemon.default_store(), plugin_dirs=args.plugin_dir or [],
                                      data_dir=args.data_dir, idle_release_s=args.idle_release_s,
-                                     strategy=args.placement_strategy)
+                                     strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir)
             print(f"coordinator running on the cluster at {address}")
             return 0
         state = daemon.spawn_local_daemon(Path(args.store or daemon.default_store()).resolve(),
                                           plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
                                           idle_release_s=args.idle_release_s, num_cpus=args.num_cpus,
-                                          strategy=args.placement_strategy)
+                                          strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir)
         print(f"local daemon running: pid {state['pid']}, Ray at {state['address']}, store {state['store']}")
         return 0
     if args.action == "stop":
@@ -306,7 +306,7 @@ def cmd_run(args) -> int:
     try:
         handle = daemon.start_coordinator(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
                                           idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
-                                          detached=False)
+                                          checkpoint_dir=args.checkpoint_dir, detached=False)
         sub = _daemon_call("submit", spec, args.priority, args.spec)
         print(f"{sub['experiment']}: {sub['jobs']} job(s) on a local Ray with "
               f"{int(ray.cluster_resources().get('CPU', 0))} CPU(s)", file=sys.stderr)
@@ -375,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray head (default: all)")
         p.add_argument("--placement-strategy", choices=("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"),
                        default="STRICT_PACK", help="placement group strategy of a gang's ranks")
+        p.add_argument("--checkpoint-dir", help="where every rank writes its job's per-epoch checkpoints (default: "
+                       "'checkpoints' beside the store); on a multi-node cluster, shared storage every node sees")
 
     p = sub.add_parser("daemon", help="start, stop or check the daemon (a coordinator on a Ray cluster)")
     p.add_argument("action", choices=("start", "stop", "status"))
