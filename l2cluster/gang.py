@@ -120,6 +120,11 @@ class RankWorker:
             resumed = self._resume(trainer, ckpt, device) if ckpt is not None else 0
             if resumed:
                 log.info("job_resumed", epoch=resumed)
+                if self.rank == 0:
+                    # A rank saves an epoch's checkpoint before it reports the epoch, and a node can die in
+                    # between: report the restored epochs again (the store keeps one row per epoch).
+                    for m in trainer.results[0].epochs:
+                        coordinator.report_epoch.remote(job_id, m["epoch"], m)
 
             def on_epoch(epoch, metrics):
                 if ckpt is not None and epoch < cfg.epochs and metrics[0]:

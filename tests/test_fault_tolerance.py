@@ -145,3 +145,35 @@ def test_a_killed_coordinator_is_restarted_and_loses_nothing(cluster):
     by_seed = {t["seed"]: t["job"] for t in twins}
     for j in jobs:
         assert outcome(store, j["job"]) == outcome(store, by_seed[j["seed"]]), j
+
+
+def test_an_attempt_that_resumes_reports_the_epochs_of_its_checkpoint(cluster, mnist_dir):
+    """A rank saves epoch E's checkpoint before it reports epoch E, and a node can die in between (the loopback
+    cluster test hit it): the attempt that resumes from such a checkpoint must still leave every epoch in the
+    store. Here the checkpoint of epoch 2 exists before the job's first attempt, which has reported nothing."""
+    from l2cluster.checkpoint import JobCheckpoints
+    from l2cluster.data import load_mnist, split_mnist
+    from l2cluster.registry import load_registry
+    from l2cluster.spec import expand, parse_spec
+    from l2cluster.trainer import Trainer
+
+    registry = load_registry([])
+    spec = {"name": "ft-ahead", **JOB}
+    (job,) = expand(parse_spec(spec, registry), registry)
+    d = job.config.data
+    splits = split_mnist(load_mnist(mnist_dir), val_size=d.val_size, seed=d.split_seed, train_size=d.train_size)
+    trainer, saved = Trainer([job.config], splits, registry), {}
+
+    def on_epoch(epoch, metrics):
+        if epoch == 2:
+            saved["state"] = trainer.state_dict()
+
+    trainer.fit(on_epoch=on_epoch, should_stop=lambda: "state" in saved)
+    JobCheckpoints(cluster["store"].parent / "checkpoints", job.id, rank=0).save(2, saved["state"])
+
+    exp = submit(cluster, "ft-ahead")
+    (done,) = wait_until(lambda: finished(cluster, exp))
+    store = Store(cluster["store"])
+    assert done["job"] == job.id and done["state"] == "succeeded" and done["attempts"] == 1
+    assert "resumed from the checkpoint of epoch 2" in [e["detail"] for e in store.events(job.id)]
+    assert [e["epoch"] for e in store.epochs(job.id)] == list(range(1, JOB["epochs"] + 1))
