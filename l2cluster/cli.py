@@ -146,18 +146,26 @@ def cmd_train(args) -> int:
 
 
 # -- the daemon ---------------------------------------------------------------------------------------------
-def _daemon_call(fn, *args, timeout: float | None = 60, **kwargs):
+def _daemon_call(fn, *args, timeout: float | None = 60, restart_wait_s: float = 120.0, **kwargs):
     import ray
 
     from l2cluster.daemon import coordinator
 
-    try:
-        return ray.get(getattr(coordinator(), fn).remote(*args, **kwargs), timeout=timeout)
-    except ray.exceptions.RayTaskError as e:
-        cause = e.as_instanceof_cause()
-        if isinstance(cause, KeyError):
-            raise UserError(cause.args[0]) from None
-        raise cause from None
+    deadline = time.monotonic() + restart_wait_s
+    while True:
+        try:
+            return ray.get(getattr(coordinator(), fn).remote(*args, **kwargs), timeout=timeout)
+        except ray.exceptions.ActorUnavailableError:
+            # Ray is restarting the coordinator (its process died). Every coordinator call is safe to repeat
+            # (submit is idempotent, the others read or cancel), so ask the new one instead of giving up.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.as_instanceof_cause()
+            if isinstance(cause, KeyError):
+                raise UserError(cause.args[0]) from None
+            raise cause from None
 
 
 def cmd_daemon(args) -> int:

@@ -151,7 +151,7 @@ class RayNode:
 def cluster(tiny_mnist_dir):
     """Head (1 CPU, resource head_node) and a second node (1 CPU, resource worker_node) on this machine."""
     # A short path of its own: Ray's socket paths live under it (Unix sockets allow ~107 bytes).
-    root = Path(tempfile.mkdtemp(prefix="l2c-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="l2c-loopback-", dir="/tmp"))
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
@@ -298,10 +298,12 @@ def test_jobs_run_on_both_nodes_and_survive_losing_one(cluster):
         assert len(store.epochs(job["id"])) == SPEC["epochs"]
         assert store.result(job["id"])["final"]["test_acc"] > 0.5
 
-    # The laptop path: a Ray Client (`--address ray://`) reads the same results.
-    results = cli("results", experiment, "--address", cluster["client"], env=env)
-    assert results.returncode == 0, results.stderr
-    assert results.stdout.count(" succeeded ") == len(SPEC["sweep"]["seeds"])
+    # The laptop path, Ray Client (`--address ray://`): the same spec again is the same experiment, all finished,
+    # so `submit --wait` prints its results at once.
+    again = cli("submit", str(spec), "--wait", "--address", cluster["client"], env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.splitlines()[0] == experiment and "0 new" in again.stderr
+    assert again.stdout.count(" succeeded ") == len(SPEC["sweep"]["seeds"])
     # `daemon start` honours RAY_ADDRESS: it finds the running coordinator and starts no local daemon.
     again = cli("daemon", "start", "--store", str(store_path), env={**env, "RAY_ADDRESS": address})
     assert again.returncode == 0 and f"on the cluster at {address}" in again.stdout, again.stdout + again.stderr

@@ -219,6 +219,12 @@ def test_rayjob_starts_the_daemon_on_the_raycluster_with_the_store_on_the_head_v
                      if v.get("persistentVolumeClaim", {}).get("claimName") == "l2cluster-store"}
     mounts = [m["mountPath"] for c in head["containers"] for m in c["volumeMounts"] if m["name"] in store_volumes]
     assert under(args.store, mounts) and under(args.data_dir, mounts)
+    # Every rank writes checkpoints: the directory is on the ReadWriteMany claim, mounted in every pod.
+    for pod in [head] + [g["template"]["spec"] for g in rc["spec"]["workerGroupSpecs"]]:
+        shared = {v["name"] for v in pod["volumes"]
+                  if v.get("persistentVolumeClaim", {}).get("claimName") == "l2cluster-shared"}
+        mounts = [m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"] if m["name"] in shared]
+        assert under(args.checkpoint_dir, mounts), pod["containers"][0]["name"]
 
 
 # -- ray up ------------------------------------------------------------------------------------------------------------

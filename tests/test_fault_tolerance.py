@@ -4,6 +4,7 @@ nothing; max_attempts bounds the retries; a diverged job is final."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -177,3 +178,25 @@ def test_an_attempt_that_resumes_reports_the_epochs_of_its_checkpoint(cluster, m
     assert done["job"] == job.id and done["state"] == "succeeded" and done["attempts"] == 1
     assert "resumed from the checkpoint of epoch 2" in [e["detail"] for e in store.events(job.id)]
     assert [e["epoch"] for e in store.epochs(job.id)] == list(range(1, JOB["epochs"] + 1))
+
+
+def test_the_cli_waits_out_a_coordinator_restart(cluster, capsys):
+    """A CLI call in flight when the coordinator dies (`submit --wait` polls for minutes) is asked again of the
+    restarted coordinator instead of ending the command: every coordinator call is safe to repeat."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from l2cluster.cli import main
+
+    pid = call(cluster["handle"], "ping")["pid"]
+    os.kill(pid, signal.SIGSTOP)  # the call below reaches a process that cannot answer, then dies
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            status = pool.submit(main, ["status"])
+            time.sleep(1.0)
+            os.kill(pid, signal.SIGKILL)
+            assert status.result(timeout=120) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert "experiment" in capsys.readouterr().out
+    assert call(cluster["handle"], "ping")["pid"] != pid
