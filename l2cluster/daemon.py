@@ -75,8 +75,9 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", namespace=NAMESPACE,
-             log_to_driver=False, logging_level="ERROR", configure_logging=False)
+    # address="local": always a new cluster of our own; without it ray.init() joins any Ray already running here.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR", configure_logging=False)
 
 
 def connect(address: str | None = None) -> None:
