@@ -226,8 +226,9 @@ def _is_number(v: Any) -> bool:
 def strength_axis(label: str, overrides: dict, config: dict) -> Axis:
     """Derive a configuration's regularizer and strength generically: the swept numeric setting of a regularizer
     (`regularizers.l2.strength`, `regularizers.dropout.p`, …) is the strength; its regularizer names the series.
-    Without one, the one swept numeric setting (e.g. `optimizer.lr`) is x. A configuration with no regularizer,
-    or a strength of 0, is a reference. Other swept settings become part of the series name."""
+    Without one, the one swept numeric setting (e.g. `optimizer.lr`) is x. A configuration with neither (no
+    regularizer, or nothing swept), or a strength of 0, is a reference. Other swept settings become part of the
+    series name."""
     regs = [r.get("name") for r in config.get("regularizers") or [] if isinstance(r, dict)]
     numeric = {k: v for k, v in overrides.items() if _is_number(v)}
     reg_paths = [k for k in numeric if k.startswith("regularizers.")]
@@ -249,8 +250,8 @@ def strength_axis(label: str, overrides: dict, config: dict) -> Axis:
     if rest != "-":
         name = f"{name} {rest}"
     x = float(numeric[x_path])
-    if not regs or x == 0:
-        return Axis(name if not regs else f"{name} {parts[-1]}=0", knob, None)
+    if parts[0] == "regularizers" and x == 0:  # a strength of 0 is the unregularized baseline
+        return Axis(f"{name} {parts[-1]}=0", knob, None)
     return Axis(name, knob, x)
 
 
@@ -288,7 +289,7 @@ class Group:
         """The configuration as a person reads it: `l2 strength=1e-4`, `none`."""
         if self.label and self.settings != "-":
             return f"{self.label} {self.settings}"
-        return self.label or self.settings
+        return self.label or (self.settings if self.settings != "-" else self.axis.series)
 
     def to_dict(self) -> dict:
         d = asdict(self)

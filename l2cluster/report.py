@@ -168,6 +168,7 @@ def _metric_vs_strength(groups: Sequence[Group], metric: str, ylabel: str, title
     top = best(groups)
     fig, axes = _figure(max(1, len(series)))
     if not series:  # nothing swept: the configurations side by side
+        title = title.split(" vs ")[0] + " per configuration"
         ax = axes[0]
         shown = refs
         for i, g in enumerate(shown):

@@ -248,6 +248,10 @@ def test_strength_axis_is_derived_from_the_swept_setting():
     assert strength_axis("none", {}, {"regularizers": []}).__dict__ == {"series": "none", "knob": None, "x": None}
     assert strength_axis("", {"optimizer.lr": 0.003}, cfg).__dict__ == {
         "series": "dropout", "knob": "optimizer.lr", "x": 0.003}
+    assert strength_axis("", {"optimizer.lr": 0.003}, {"regularizers": []}).__dict__ == {
+        "series": "none", "knob": "optimizer.lr", "x": 0.003}
+    assert strength_axis("", {"regularizers.l2.strength": 0.0}, {"regularizers": [{"name": "l2"}]}).__dict__ == {
+        "series": "l2 strength=0", "knob": "l2 strength", "x": None}
 
 
 def test_a_store_opened_read_only_reads_beside_the_writer_and_never_writes(store_with_experiment, tmp_path):

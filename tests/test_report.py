@@ -30,7 +30,8 @@ VARIANTS = [
     {"label": "l2", "set": {"regularizers": [{"name": "l2"}]}, "grid": {"regularizers.l2.strength": [1e-4, 1e-2]}},
     {"label": "decoupled_decay", "set": {"regularizers": [{"name": "decoupled_decay"}]},
      "grid": {"regularizers.decoupled_decay.weight_decay": [1e-2, 1.0]}},
-    {"label": "dropout", "set": {"regularizers": [{"name": "dropout"}]}, "grid": {"regularizers.dropout.p": [0.1, 0.5]}},
+    {"label": "dropout", "set": {"regularizers": [{"name": "dropout"}]},
+     "grid": {"regularizers.dropout.p": [0.1, 0.5]}},
     {"label": "grad_clip", "set": {"regularizers": [{"name": "grad_clip"}]},
      "grid": {"regularizers.grad_clip.max_norm": [0.1, 5.0]}},
 ]
