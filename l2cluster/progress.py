@@ -10,6 +10,7 @@ since the wait began; finished jobs count the epochs they ran.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -107,7 +108,8 @@ class ProgressDisplay:
     def __init__(self, experiment: str, stream: TextIO, *, tty: bool | None = None, min_interval_s: float = 5.0,
                  heartbeat_s: float = 30.0):
         self.experiment, self.stream = experiment, stream
-        self.tty = stream.isatty() if tty is None else tty
+        # A dumb terminal (an editor's shell, some CI runners) cannot move the cursor: plain lines there too.
+        self.tty = stream.isatty() and os.environ.get("TERM") != "dumb" if tty is None else tty
         self.min_interval_s, self.heartbeat_s = min_interval_s, heartbeat_s
         self._drawn_lines = 0
         self._last_at: float | None = None

@@ -63,7 +63,10 @@ def test_plain_lines_when_counts_change_or_periodically():
     assert "ETA" not in lines[3]
 
 
-def test_a_terminal_gets_a_block_redrawn_in_place():
+def test_a_terminal_gets_a_block_redrawn_in_place(monkeypatch):
+    monkeypatch.setenv("TERM", "dumb")
+    assert not ProgressDisplay("exp-1", Terminal()).tty  # cannot move the cursor: plain lines
+    monkeypatch.setenv("TERM", "xterm-256color")
     progress = Progress({c * 16: 3 for c in "abc"})
     term = Terminal()
     display = ProgressDisplay("exp-1", term)
