@@ -103,6 +103,13 @@ class Coordinator:
         self._need_experiment(experiment_id)
         return [{**_job_dict(r), "result": self.store.result(r["id"])} for r in self.store.jobs(experiment_id)]
 
+    async def export(self, experiment_id: str, epochs: bool = True) -> dict:
+        """An experiment's jobs with config, group key, result and per-epoch metrics, for `results` and `report`
+        (l2cluster.aggregate.export_experiment): the CLI may not see the store file on a remote cluster."""
+        from l2cluster.aggregate import export_experiment
+
+        return export_experiment(self.store, experiment_id, epochs=epochs)
+
     async def logs(self, job_id: str) -> dict:
         row = self.store.job(job_id)
         if row is None:

@@ -266,6 +266,26 @@ class Store:
     def events(self, job_id: str) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM events WHERE job_id = ? ORDER BY rowid", (job_id,)).fetchall()
 
+    @classmethod
+    def open_read_only(cls, path: str | Path, *, timeout: float = 10.0) -> Store:
+        """An existing store opened for reading only (`results --store`, `report --store`): it never creates,
+        migrates or writes the file, and may run beside the daemon that writes it (WAL lets readers in)."""
+        store = cls.__new__(cls)
+        store.path = Path(path).expanduser()
+        if not store.path.is_file():
+            raise StoreError(f"{store.path}: no such store file; pass the path the daemon writes (`l2cluster "
+                             "daemon status` prints it)")
+        try:
+            store._db = sqlite3.connect(f"{store.path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
+            store._db.row_factory = sqlite3.Row
+            row = store._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{store.path}: not a readable l2cluster store ({e})") from None
+        if row is None or int(row[0]) > SCHEMA_VERSION:
+            raise StoreError(f"{store.path}: store schema {row[0] if row else 'missing'} is not one this l2cluster "
+                             f"reads (≤ {SCHEMA_VERSION}); upgrade l2cluster")
+        return store
+
 
 def _statements() -> list[str]:
     return [s.strip() for s in _SCHEMA.split(";") if s.strip()]

@@ -74,7 +74,7 @@ def test_submit_wait_runs_two_rank_jobs_and_stores_their_results(cluster, tmp_pa
     assert [j["state"] for j in jobs] == ["succeeded"] * 4
     for j in jobs:
         assert len(store.epochs(j["id"])) == 1 and store.result(j["id"])["final"]["test_acc"] > 0.5
-    assert main(["results", experiment]) == 0
+    assert main(["results", experiment, "--jobs"]) == 0
     assert capsys.readouterr().out.count("succeeded") == 4
     assert main(["logs", jobs[0]["id"]]) == 0
     log = capsys.readouterr().out
