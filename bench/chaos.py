@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--rank-kills", type=int, default=20)
     p.add_argument("--coordinator-kills", type=int, default=2)
-    p.add_argument("--every-s", type=float, default=0.5, help="pause between kill attempts")
+    p.add_argument("--every-s", type=float, default=1.0, help="pause between kill attempts")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
@@ -88,6 +88,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         exp = call(handle, "submit", spec("chaos", args.jobs, args.epochs))["experiment"]
         rank_kills = coordinator_kills = 0
+        last_kill_epoch: dict[str, int] = {}
         # Coordinator kills are spread among the rank kills.
         coordinator_at = {round((i + 1) * args.rank_kills / (args.coordinator_kills + 1))
                           for i in range(args.coordinator_kills)}
@@ -101,12 +102,15 @@ def main(argv=None) -> int:
                 continue
             if rank_kills >= args.rank_kills:
                 continue
-            # Kill mid-run: a job past its first checkpoint, so that it must resume, not restart.
+            # Kill mid-run: a job past its first checkpoint (so it must resume, not restart) that has made progress
+            # since it was last killed; jobs not yet killed first, so the kills spread over the experiment.
             busy = [g for g in call(handle, "gangs_info") if g["busy"] and g["job"] and g["ranks"]
-                    and store.job(g["job"])["epoch"] >= 1]
+                    and store.job(g["job"])["epoch"] > max(0, last_kill_epoch.get(g["job"], 0))]
             if not busy:
                 continue
-            gang = rng.choice(busy)
+            fresh = [g for g in busy if g["job"] not in last_kill_epoch]
+            gang = rng.choice(fresh or busy)
+            last_kill_epoch[gang["job"]] = store.job(gang["job"])["epoch"]
             rank = rng.choice(gang["ranks"])
             try:
                 os.kill(rank["pid"], signal.SIGKILL)
@@ -135,7 +139,8 @@ def main(argv=None) -> int:
         print(f"kills injected: {rank_kills} rank SIGKILLs, {coordinator_kills} coordinator kills")
         print(f"jobs finished: {len(finished)} ({states}); jobs lost: {len(jobs) - len(finished)}; "
               f"jobs recorded twice: {len(twice)}")
-        print(f"jobs resumed: {len(resumed)} (attempts > 1), {len(from_checkpoint)} of them from a checkpoint; "
+        print(f"jobs whose ranks were killed: {len(last_kill_epoch)}; jobs resumed: {len(resumed)} (attempts > 1), "
+              f"{len(from_checkpoint)} of them from a checkpoint; "
               f"max attempts of a job: {max(j['attempts'] for j in jobs)}")
         print(f"every job's final and per-epoch metrics equal its uninterrupted twin: {not mismatched}"
               + (f" (differ: {mismatched})" if mismatched else ""))

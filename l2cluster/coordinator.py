@@ -145,8 +145,11 @@ class Coordinator:
 
     async def gangs_info(self) -> list[dict]:
         out = []
-        for g in self.gangs.values():
-            infos = await asyncio.gather(*[w.info.remote() for w in g.workers]) if g.ready else []
+        for g in list(self.gangs.values()):  # gangs come and go while this awaits
+            try:
+                infos = await asyncio.gather(*[w.info.remote() for w in g.workers]) if g.ready else []
+            except RayError:  # a rank just died: the gang is being dropped
+                continue
             out.append({"gang": g.id, "shape": g.shape.__dict__, "busy": g.busy, "job": g.job_id, "ranks": infos})
         return out
 
