@@ -263,7 +263,8 @@ class Coordinator:
             outcome = "cancelled" if running.cancel_requested and out["outcome"] == "cancelled" else out["outcome"]
             resumed = out.get("resumed_from_epoch")
             self.store.finish(job_id, outcome, out["final"], error=out["error"], diverged_epoch=out["diverged_epoch"],
-                              detail=f"resumed from the checkpoint of epoch {resumed}" if resumed else None)
+                              detail=f"resumed from the checkpoint of epoch {resumed}" if resumed else None,
+                              epochs=out.get("epochs"), attempt=attempt)
             log.info("job_finished", outcome=outcome, resumed_from_epoch=resumed)
             if stuck or (gang.shape.num_workers > 1 and any(o and o.get("traceback") for o in outs)):
                 # A rank crashed outside the collectives' lockstep: its process group cannot be trusted.

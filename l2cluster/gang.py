@@ -142,7 +142,7 @@ class RankWorker:
             (result,) = trainer.fit(on_epoch=on_epoch, should_stop=should_stop)
             final = dict(result.final)
             final["param_sum"] = float(sum(p.detach().double().sum() for p in trainer.params.values()))
-            out = {"outcome": result.outcome, "final": final, "error": result.error,
+            out = {"outcome": result.outcome, "final": final, "error": result.error, "epochs": result.epochs,
                    "diverged_epoch": result.diverged_epoch, "resumed_from_epoch": resumed}
             if ckpt is not None:  # the run is over: its outcome is final, nothing will resume it
                 ckpt.remove()

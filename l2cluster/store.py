@@ -207,9 +207,11 @@ class Store:
             db.execute("UPDATE jobs SET epoch = ? WHERE id = ?", (epoch, job_id))
 
     def finish(self, job_id: str, outcome: str, final: dict, *, error: str | None = None,
-               diverged_epoch: int | None = None, detail: str | None = None) -> None:
+               diverged_epoch: int | None = None, detail: str | None = None, epochs: list[dict] | None = None,
+               attempt: int | None = None) -> None:
         """Record a job's final result and move it to its terminal state, in one transaction: a result is never
-        recorded twice, and a job is never terminal without its result."""
+        recorded twice, and a job is never terminal without its result. `epochs`, the run's whole per-epoch
+        history, replaces what was reported along the way (a report can be lost with a coordinator)."""
         state = JobState(outcome)
         if not state.is_terminal:
             raise ValueError(f"finish() needs a terminal outcome, got {outcome!r}")
@@ -218,6 +220,9 @@ class Store:
                 raise ValueError(f"job {job_id}: a result is already recorded")
             db.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?)",
                        (job_id, state.value, json.dumps(final, sort_keys=True), diverged_epoch, error))
+            for m in epochs or []:
+                db.execute("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?)",
+                           (job_id, m["epoch"], attempt or 0, json.dumps(m, sort_keys=True)))
             self._transition(db, job_id, state, error or detail, {"error": error})
 
     # -- reads ----------------------------------------------------------------------------------------------
