@@ -426,6 +426,19 @@ class _SpecLoader(yaml.SafeLoader):
     """yaml.SafeLoader — plain data only, no Python tags — that also refuses a key written twice in one mapping
     (PyYAML would silently keep the last one)."""
 
+    def compose_node(self, parent, index):
+        # Refuse deep nesting while composing: PyYAML's scanner is quadratic in the nesting depth and its
+        # composer recursive, so a file of 100,000 '[' would otherwise hang, then crash.
+        depth = getattr(self, "_depth", 0)
+        if depth > MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep",
+                                              self.peek_event().start_mark)
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
     def construct_mapping(self, node, deep=False):
         seen: dict[str, Any] = {}
         for key_node, _ in node.value:
@@ -436,6 +449,26 @@ class _SpecLoader(yaml.SafeLoader):
                         f"{seen[key_node.value].line + 1}); keep one of them", key_node.start_mark)
                 seen[key_node.value] = key_node.start_mark
         return super().construct_mapping(node, deep)
+
+
+def _located(construct):
+    """A YAML scalar constructor whose ValueError (a 5000-digit number, !!float fast, a 13th month) is a YAML
+    error with the line and column, like every other mistake in the file."""
+
+    def located(loader, node):
+        try:
+            return construct(loader, node)
+        except ValueError as e:
+            why = "a number over 4300 digits long" if "digits" in str(e) else str(e)
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read {node.value[:40]!r}: {why}",
+                                                    node.start_mark) from None
+
+    return located
+
+
+for _tag in ("int", "float", "timestamp"):
+    _SpecLoader.add_constructor(f"tag:yaml.org,2002:{_tag}",
+                                _located(yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{_tag}"]))
 
 
 class _DuplicateKey(ValueError):
@@ -481,11 +514,13 @@ def read_spec_file(path: str | Path) -> dict:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise SpecError(source, [Issue("", f"{where}not valid YAML: {problem}")]) from None
-    except RecursionError:
-        raise SpecError(source, [Issue("", f"nested too deeply to read; a spec nests at most {MAX_DEPTH} levels")]) \
-            from None
-    except ValueError as e:  # a duplicate JSON key, or a number too long to convert (over 4300 digits)
-        raise SpecError(source, [Issue("", f"cannot read the file: {e}")]) from None
+    except RecursionError:  # JSON nested hundreds of levels deep
+        raise SpecError(source, [Issue("", f"nested more than {MAX_DEPTH} levels deep")]) from None
+    except _DuplicateKey as e:
+        raise SpecError(source, [Issue("", f"not valid JSON: {e}")]) from None
+    except ValueError as e:  # json: a number over 4300 digits long
+        why = "it holds a number over 4300 digits long" if "digits" in str(e) else str(e)
+        raise SpecError(source, [Issue("", f"cannot read the file: {why}")]) from None
     if not isinstance(data, dict):
         raise SpecError(source, [Issue("", "the file must hold a mapping (name:, optimizer:, …) at the top")])
     issues = structure_issues(data)
