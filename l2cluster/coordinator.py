@@ -15,10 +15,12 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from ray.exceptions import RayActorError, RayError
 
+from l2cluster.checkpoint import remove_job
 from l2cluster.gang import Gang, GangShape
 from l2cluster.log import configure_logging, get_logger
 from l2cluster.states import JobState
@@ -27,6 +29,7 @@ from l2cluster.store import Store
 NAMESPACE = "l2cluster"
 NAME = "coordinator"
 _TICK_S = 0.05
+_CRASH_GRACE_S = 10.0  # how long the other ranks may take to notice a crashed rank before the gang is dropped
 
 
 @dataclass
@@ -39,12 +42,15 @@ class RunningJob:
 class Coordinator:
     def __init__(self, store_path: str, *, plugin_dirs: list[str] | None = None, data_dir: str | None = None,
                  idle_release_s: float = 60.0, strategy: str = "STRICT_PACK", max_jobs: int = 10_000,
-                 form_timeout_s: float = 120.0):
+                 form_timeout_s: float = 120.0, checkpoint_dir: str | None = None):
         from l2cluster.registry import load_registry
 
         configure_logging(json=True)
         self.log = get_logger(component="coordinator")
         self.store = Store(store_path)
+        # Every rank writes its job's checkpoints here: on a multi-node cluster, point it at shared storage.
+        self.checkpoint_dir = str(Path(checkpoint_dir or Path(store_path).parent / "checkpoints").expanduser())
+        Path(self.checkpoint_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.plugin_dirs = list(plugin_dirs or [])
         self.registry = load_registry(self.plugin_dirs)
         self.data_dir = data_dir
@@ -57,9 +63,12 @@ class Coordinator:
         self.mnist_ref = None
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        # Jobs a previous coordinator left in flight go back to the queue (their gangs died with it).
+        # Jobs a previous coordinator left in flight go back to the queue: their gangs were its actors and died
+        # with it. They resume from their last checkpoints.
         for row in self.store.jobs(states=[JobState.PLACING, JobState.RUNNING]):
-            self.store.transition(row["id"], JobState.QUEUED, detail="re-queued after a coordinator restart")
+            self._retry_or_fail(row["id"], "the coordinator restarted")
+        # Ray restarts a killed coordinator with no caller: start scheduling now, not at the first request.
+        self._ensure_loop()
 
     # -- public API (called by the CLI) ---------------------------------------------------------------------
     async def ping(self) -> dict:
@@ -93,6 +102,13 @@ class Coordinator:
     async def results(self, experiment_id: str) -> list[dict]:
         self._need_experiment(experiment_id)
         return [{**_job_dict(r), "result": self.store.result(r["id"])} for r in self.store.jobs(experiment_id)]
+
+    async def export(self, experiment_id: str, epochs: bool = True) -> dict:
+        """An experiment's jobs with config, group key, result and per-epoch metrics, for `results` and `report`
+        (l2cluster.aggregate.export_experiment): the CLI may not see the store file on a remote cluster."""
+        from l2cluster.aggregate import export_experiment
+
+        return export_experiment(self.store, experiment_id, epochs=epochs)
 
     async def logs(self, job_id: str) -> dict:
         row = self.store.job(job_id)
@@ -128,7 +144,7 @@ class Coordinator:
         out = []
         for g in self.gangs.values():
             infos = await asyncio.gather(*[w.info.remote() for w in g.workers]) if g.ready else []
-            out.append({"gang": g.id, "shape": g.shape.__dict__, "busy": g.busy, "ranks": infos})
+            out.append({"gang": g.id, "shape": g.shape.__dict__, "busy": g.busy, "job": g.job_id, "ranks": infos})
         return out
 
     async def report_epoch(self, job_id: str, epoch: int, metrics: dict) -> None:
@@ -224,30 +240,57 @@ class Coordinator:
             log.warning("gang_failed", error=f"{type(e).__name__}: {e}")
             self._drop(gang)
             self.running.pop(job_id, None)
-            self.store.transition(job_id, JobState.QUEUED, detail=f"placement failed: {type(e).__name__}: {e}")
+            self._retry_or_fail(job_id, f"placement failed: {type(e).__name__}: {e}")
             self._wake.set()
             return
         self.store.transition(job_id, JobState.RUNNING, node=gang.node)
+        gang.job_id = job_id
         if running.cancel_requested:
             for w in gang.workers:
                 w.cancel.remote()
         me = ray.get_runtime_context().current_actor
         try:
-            config = json.loads(config_json)
-            outs = await asyncio.gather(*[w.run.remote(job_id, config, attempt, me) for w in gang.workers])
-            out = outs[0]
+            refs = [w.run.remote(job_id, json.loads(config_json), attempt, me, self.checkpoint_dir)
+                    for w in gang.workers]
+            outs, stuck = await _await_ranks(refs)
+            out = next((o for o in outs if o and o.get("traceback")), outs[0])  # a crash explains the run best
             outcome = "cancelled" if running.cancel_requested and out["outcome"] == "cancelled" else out["outcome"]
-            self.store.finish(job_id, outcome, out["final"], error=out["error"], diverged_epoch=out["diverged_epoch"])
-            log.info("job_finished", outcome=outcome)
-            gang.busy, gang.idle_since = False, time.time()
-        except RayError as e:  # a rank died (or Ray failed the call): the gang cannot be trusted any more
+            resumed = out.get("resumed_from_epoch")
+            self.store.finish(job_id, outcome, out["final"], error=out["error"], diverged_epoch=out["diverged_epoch"],
+                              detail=f"resumed from the checkpoint of epoch {resumed}" if resumed else None)
+            log.info("job_finished", outcome=outcome, resumed_from_epoch=resumed)
+            if stuck or (gang.shape.num_workers > 1 and any(o and o.get("traceback") for o in outs)):
+                # A rank crashed outside the collectives' lockstep: its process group cannot be trusted.
+                log.warning("gang_dropped", reason="a rank crashed", stuck_ranks=stuck)
+                self._drop(gang)
+            else:
+                gang.busy, gang.idle_since, gang.job_id = False, time.time(), None
+        except RayError as e:  # a rank (or its node) died, or Ray failed the call: the gang is gone
             what = "a rank of its gang died" if isinstance(e, RayActorError) else "the gang failed"
             log.warning("gang_lost", error=str(e)[:300])
             self._drop(gang)
-            self.store.finish(job_id, "failed", {}, error=f"{what}: {str(e)[:500]}")
+            if running.cancel_requested:
+                self.store.finish(job_id, "cancelled", {}, error=f"cancelled; {what}")
+            else:
+                self._retry_or_fail(job_id, f"{what}: {str(e)[:500]}")
         finally:
             self.running.pop(job_id, None)
+            if JobState(self.store.job(job_id)["state"]).is_terminal:
+                remove_job(self.checkpoint_dir, job_id)
             self._wake.set()
+
+    def _retry_or_fail(self, job_id: str, why: str) -> None:
+        """A job lost its gang (or its coordinator): back to the queue, or failed once max_attempts are spent."""
+        row = self.store.job(job_id)
+        max_attempts = json.loads(row["config_json"]).get("max_attempts", 3)
+        if row["attempts"] < max_attempts:
+            self.store.transition(job_id, JobState.QUEUED,
+                                  detail=f"attempt {row['attempts']} lost ({why}); re-queued to resume from its "
+                                         "last checkpoint")
+        else:
+            self.store.finish(job_id, "failed", {},
+                              error=f"gave up after {row['attempts']} attempt(s) (max_attempts); the last: {why}")
+            remove_job(self.checkpoint_dir, job_id)
 
     def _mnist(self):
         if self.mnist_ref is None:
@@ -277,6 +320,27 @@ class Coordinator:
         if self.store.experiment(experiment_id) is None:
             known = ", ".join(e["id"] for e in self.store.experiments()[-5:]) or "none"
             raise KeyError(f"no experiment {experiment_id!r}; recent: {known}")
+
+
+async def _await_ranks(refs: list) -> tuple[list[dict | None], int]:
+    """Wait for every rank's result; raises a RayError when a rank dies. When one rank crashes (its result has a
+    traceback) while the others still run, they may wait forever in a collective: give them a grace period, then
+    return without them (their entries None) and say how many were stuck."""
+    futures = [asyncio.ensure_future(r) for r in refs]
+    pending, crashed_at = set(futures), None
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=None if crashed_at is None else _CRASH_GRACE_S,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for f in done:
+                if f.result().get("traceback") and crashed_at is None:  # .result() raises a dead rank's error
+                    crashed_at = time.monotonic()
+            if pending and crashed_at is not None and time.monotonic() - crashed_at >= _CRASH_GRACE_S:
+                break
+    finally:
+        for f in pending:
+            f.cancel()
+    return [f.result() if f.done() and not f.cancelled() else None for f in futures], len(pending)
 
 
 def _job_dict(row) -> dict:

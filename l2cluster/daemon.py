@@ -67,8 +67,17 @@ def ensure_auth_token() -> None:
 def start_local_ray(num_cpus: int | None = None) -> None:
     """A Ray head bound to 127.0.0.1, in this process (ray.shutdown() stops exactly what it started)."""
     ensure_auth_token()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", namespace=NAMESPACE,
-             log_to_driver=False, logging_level="ERROR", configure_logging=False)
+    # ray.init() turns a node address of 127.0.0.1 into the machine's outward address, and then Ray's servers
+    # (GCS, raylet, workers) listen on every interface. Ray's single-machine mode (its default on macOS and
+    # Windows) keeps the node on the loopback address, so every server listens on 127.0.0.1 only. The processes
+    # Ray starts read the environment variable; this process's Ray has already read it at import.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    # address="local": always a new cluster of our own; without it ray.init() joins any Ray already running here.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR", configure_logging=False)
 
 
 def connect(address: str | None = None) -> None:
@@ -103,18 +112,24 @@ def coordinator():
 
 
 def start_coordinator(store: str | Path, *, plugin_dirs=(), data_dir: str | None = None,
-                      idle_release_s: float = 60.0, strategy: str = "STRICT_PACK", detached: bool = True):
+                      idle_release_s: float = 60.0, strategy: str = "STRICT_PACK", detached: bool = True,
+                      checkpoint_dir: str | None = None):
     """Create the named coordinator (or return the running one) and wait until it answers."""
+    # On the head node: the store path is the head's, and the coordinator outlives any worker node.
+    head = {"node:__internal_head__": 0.001} if "node:__internal_head__" in ray.cluster_resources() else {}
     handle = Coordinator.options(
         name=NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached" if detached else None,
+        resources=head,
     ).remote(str(Path(store).expanduser().resolve()), plugin_dirs=list(plugin_dirs), data_dir=data_dir,
-             idle_release_s=idle_release_s, strategy=strategy)
+             idle_release_s=idle_release_s, strategy=strategy,
+             checkpoint_dir=str(Path(checkpoint_dir).expanduser().resolve()) if checkpoint_dir else None)
     ray.get(handle.ping.remote())
     return handle
 
 
 def spawn_local_daemon(store: Path, *, plugin_dirs=(), data_dir: str | None, idle_release_s: float,
-                       num_cpus: int | None, strategy: str = "STRICT_PACK", timeout_s: float = 90.0) -> dict:
+                       num_cpus: int | None, strategy: str = "STRICT_PACK", checkpoint_dir: str | None = None,
+                       timeout_s: float = 90.0) -> dict:
     """Start `python -m l2cluster.daemon` in its own session and wait for it to publish its address."""
     if (state := read_state()) and _alive(state["pid"]):
         return state
@@ -125,6 +140,7 @@ def spawn_local_daemon(store: Path, *, plugin_dirs=(), data_dir: str | None, idl
            "--placement-strategy", strategy]
     cmd += ["--data-dir", data_dir] if data_dir else []
     cmd += ["--num-cpus", str(num_cpus)] if num_cpus else []
+    cmd += ["--checkpoint-dir", str(Path(checkpoint_dir).resolve())] if checkpoint_dir else []
     for d in plugin_dirs:
         cmd += ["--plugin-dir", str(d)]
     with open(home() / "daemon.log", "ab") as log:  # the child keeps its own copy of the descriptor
@@ -179,6 +195,7 @@ def host_main(argv=None) -> int:
     p.add_argument("--idle-release-s", type=float, default=60.0)
     p.add_argument("--num-cpus", type=int)
     p.add_argument("--placement-strategy", default="STRICT_PACK")
+    p.add_argument("--checkpoint-dir")
     args = p.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -187,7 +204,7 @@ def host_main(argv=None) -> int:
     try:
         handle = start_coordinator(args.store, plugin_dirs=args.plugin_dir, data_dir=args.data_dir,
                                    idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
-                                   detached=False)
+                                   checkpoint_dir=args.checkpoint_dir, detached=False)
         state = {"pid": os.getpid(), "address": ray.get_runtime_context().gcs_address, "store": args.store}
         tmp = _state_file().with_suffix(".tmp")
         tmp.write_text(json.dumps(state))

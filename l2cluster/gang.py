@@ -16,6 +16,7 @@ import traceback
 import uuid
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import ray
 import torch
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from l2cluster.checkpoint import JobCheckpoints
 from l2cluster.data import Mnist, split_mnist
 from l2cluster.log import configure_logging, get_logger
 
@@ -60,19 +62,27 @@ class RankWorker:
         self.mnist: Mnist | None = None
         self.splits: dict[tuple, object] = {}
         self.cancel_flag = threading.Event()
+        self.rendezvous: socket.socket | None = None  # rank 0's process-group rendezvous socket
         self.process_groups_started = 0
         self.jobs_run = 0
 
     def endpoint(self) -> tuple[str, int]:
-        """Rank 0: the address and a free port for the process group's rendezvous."""
+        """Rank 0: open the process group's rendezvous socket on this node's address; returns address and port.
+
+        The socket is bound here and handed to torch's TCPStore, which would otherwise listen on every
+        interface (on an embedded cluster everything stays on 127.0.0.1), and no other process can take the
+        port between choosing and binding it."""
         ip = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((ip, 0))
-            return ip, s.getsockname()[1]
+        self.rendezvous = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+        self.rendezvous.bind((ip, 0))
+        self.rendezvous.listen(128)
+        return ip, self.rendezvous.getsockname()[1]
 
     def setup(self, address: str, port: int, backend: str, mnist: dict) -> dict:
-        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
-                                world_size=self.world)
+        listen_fd = {"master_listen_fd": self.rendezvous.fileno()} if self.rank == 0 else {}
+        store = dist.TCPStore(address, port, self.world, self.rank == 0, timeout=timedelta(seconds=300),
+                              wait_for_workers=False, **listen_fd)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world)
         self.process_groups_started += 1
         with warnings.catch_warnings():  # object-store arrays are read-only; the trainer copies them to floats
             warnings.simplefilter("ignore", UserWarning)
@@ -87,13 +97,17 @@ class RankWorker:
     def cancel(self) -> None:
         self.cancel_flag.set()
 
-    def run(self, job_id: str, config: dict, attempt: int, coordinator) -> dict:
-        """Train one job; rank 0 reports each epoch to the coordinator. Never raises: a crash is a result."""
+    def run(self, job_id: str, config: dict, attempt: int, coordinator, checkpoint_dir: str | None = None) -> dict:
+        """Train one job; rank 0 reports each epoch to the coordinator. Never raises: a crash is a result.
+
+        With a checkpoint directory every rank saves its state after each epoch but the last, and a later
+        attempt resumes from the newest epoch that every rank has, so it ends exactly as an uninterrupted run."""
         from l2cluster.spec import spec_models
         from l2cluster.trainer import Trainer
 
         self.cancel_flag.clear()
         log = get_logger(job_id=job_id, rank=self.rank, attempt=attempt)
+        ckpt = JobCheckpoints(checkpoint_dir, job_id, self.rank) if checkpoint_dir else None
         try:
             cfg = spec_models(self.registry).train.model_validate(config)
             d = cfg.data
@@ -103,8 +117,15 @@ class RankWorker:
                                                train_size=d.train_size)
             device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
             trainer = Trainer([cfg], self.splits[key], self.registry, device=device)
+            resumed = self._resume(trainer, ckpt, device) if ckpt is not None else 0
+            if resumed:
+                log.info("job_resumed", epoch=resumed)
 
             def on_epoch(epoch, metrics):
+                if ckpt is not None and epoch < cfg.epochs and metrics[0]:
+                    ckpt.save(epoch, trainer.state_dict())
+                    if self.world > 1:  # every rank's file is on disk before the epoch counts as done
+                        dist.barrier()
                 if self.rank == 0 and metrics[0]:
                     log.info("epoch_done", epoch=epoch, val_acc=metrics[0]["val_acc"], epoch_s=metrics[0]["epoch_s"])
                     coordinator.report_epoch.remote(job_id, epoch, metrics[0])
@@ -121,13 +142,30 @@ class RankWorker:
             final = dict(result.final)
             final["param_sum"] = float(sum(p.detach().double().sum() for p in trainer.params.values()))
             out = {"outcome": result.outcome, "final": final, "error": result.error,
-                   "diverged_epoch": result.diverged_epoch}
+                   "diverged_epoch": result.diverged_epoch, "resumed_from_epoch": resumed}
+            if ckpt is not None:  # the run is over: its outcome is final, nothing will resume it
+                ckpt.remove()
         except Exception as e:  # a crashing job must not take the gang or the daemon down
             log.error("job_crashed", error=f"{type(e).__name__}: {e}")
             out = {"outcome": "failed", "final": {}, "error": f"{type(e).__name__}: {e}",
                    "diverged_epoch": None, "traceback": traceback.format_exc(limit=5)}
         self.jobs_run += 1
         return out
+
+    def _resume(self, trainer, ckpt: JobCheckpoints, device) -> int:
+        """Load the newest checkpoint every rank has (0: none, start from scratch); ranks agree on the epoch."""
+        epochs = ckpt.epochs()
+        epoch = epochs[-1] if epochs else 0
+        if self.world > 1:
+            agreed = torch.tensor([epoch], device=device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            epoch = int(agreed.item())
+            have = torch.tensor([int(epoch in epochs)], device=device)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            epoch = epoch if have.item() else 0
+        if epoch:
+            trainer.load_state_dict(ckpt.load(epoch))
+        return epoch
 
     def shutdown(self) -> None:
         if dist.is_initialized():
@@ -144,6 +182,7 @@ class Gang:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     ready: bool = False
     busy: bool = False
+    job_id: str | None = None
     idle_since: float = field(default_factory=time.time)
     infos: list[dict] = field(default_factory=list)
 

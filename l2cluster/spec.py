@@ -312,6 +312,9 @@ def _build_models(union) -> SpecModels:
         seed=(int, Field(0, ge=0, description="Seed of initialisation, batch order and dropout.")),
         regularizers=(reg_type, Field(default_factory=list, description="Regularizer plugins, by `name`.")),
         scaling=(ScalingConfig, Field(default_factory=ScalingConfig, description="DDP ranks and resources.")),
+        max_attempts=(int, Field(3, ge=1, le=100, description=(
+            "How many times the daemon starts a job before it gives up: a lost rank, node or coordinator sends "
+            "the job back to the queue, to resume from its last checkpoint. A failed or diverged run is final."))),
     )
     validators = {"_cross_field": model_validator(mode="after")(_check_train_config),
                   "_seed_range": field_validator("seed")(_check_seed)}
@@ -617,6 +620,10 @@ def load_spec(path: str | Path, registry: Registry):
 
 
 # -- sweep expansion ----------------------------------------------------------------------------------------
+# Settings of how the daemon runs a job, not of what it computes: changing them keeps the job's identity.
+NOT_IN_JOB_ID = {"max_attempts"}
+
+
 @dataclass(frozen=True)
 class Job:
     """One concrete training run of an experiment."""
@@ -631,7 +638,7 @@ class Job:
     @property
     def group(self) -> str:
         """Hash of the config without the seed: the jobs that differ only by seed share it."""
-        cfg = self.config.model_dump(mode="json")
+        cfg = self.config.model_dump(mode="json", exclude=NOT_IN_JOB_ID)
         cfg.pop("seed")
         return _digest({"experiment": self.experiment, "config": cfg})
 
@@ -742,7 +749,8 @@ def expand(spec, registry: Registry, *, max_jobs: int = DEFAULT_MAX_JOBS) -> lis
                     setting = ", ".join(f"{k}={_short.repr(v)}" for k, v in overrides.items()) or "no grid values"
                     raise SpecError(spec.name, [Issue(i.path, f"{i.message} (in {where} with {setting})")
                                                 for i in issues])
-                job_id = _digest({"experiment": spec.name, "config": config.model_dump(mode="json")})
+                job_id = _digest({"experiment": spec.name,
+                                  "config": config.model_dump(mode="json", exclude=NOT_IN_JOB_ID)})
                 if job_id in seen:
                     continue  # two grid points that resolve to the same config run once
                 seen.add(job_id)

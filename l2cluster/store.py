@@ -19,7 +19,7 @@ from typing import Any
 
 from l2cluster.states import JobState, check_transition
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,6 +51,15 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_experiment ON jobs(experiment_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, priority DESC, seq);
+-- Which experiments hold which jobs: a job (same experiment name and config) shared by two submissions runs once
+-- and shows in both.
+CREATE TABLE IF NOT EXISTS experiment_jobs (
+    experiment_id TEXT NOT NULL REFERENCES experiments(id),
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (experiment_id, job_id)
+);
+CREATE INDEX IF NOT EXISTS experiment_jobs_by_seq ON experiment_jobs(experiment_id, seq);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL REFERENCES jobs(id),
     at REAL NOT NULL,
@@ -117,6 +126,9 @@ class Store:
         elif int(row[0]) > SCHEMA_VERSION:
             raise StoreError(f"{self.path}: written by a newer l2cluster (schema {row[0]} > {SCHEMA_VERSION}); "
                              "upgrade l2cluster")
+        elif int(row[0]) < 2:  # schema 1 knew one experiment per job: record that membership
+            self._db.execute("INSERT OR IGNORE INTO experiment_jobs SELECT experiment_id, id, seq FROM jobs")
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         self._db.close()
@@ -135,7 +147,8 @@ class Store:
     def add_experiment(self, experiment_id: str, name: str, spec: dict, jobs: Iterable, *, priority: int = 0,
                        now: float | None = None) -> int:
         """Record an experiment and queue its jobs (l2cluster.spec.Job). Idempotent: jobs already in the store
-        (same id: same experiment and config) keep their state and results. Returns how many jobs are new."""
+        (same id: same experiment name and config, from this or an earlier submission) keep their state and
+        results and become part of this experiment too. Returns how many jobs are new."""
         now = time.time() if now is None else now
         added = 0
         with self._tx() as db:
@@ -150,6 +163,7 @@ class Store:
                     (job.id, experiment_id, seq, job.label, json.dumps(job.overrides, sort_keys=True), job.seed,
                      job.group, json.dumps(job.config.model_dump(mode="json"), sort_keys=True), priority,
                      JobState.QUEUED.value, now))
+                db.execute("INSERT OR IGNORE INTO experiment_jobs VALUES (?, ?, ?)", (experiment_id, job.id, seq))
                 if cur.rowcount:
                     added += 1
                     db.execute("INSERT INTO events VALUES (?, ?, NULL, ?, 0, 'submitted')",
@@ -193,7 +207,7 @@ class Store:
             db.execute("UPDATE jobs SET epoch = ? WHERE id = ?", (epoch, job_id))
 
     def finish(self, job_id: str, outcome: str, final: dict, *, error: str | None = None,
-               diverged_epoch: int | None = None) -> None:
+               diverged_epoch: int | None = None, detail: str | None = None) -> None:
         """Record a job's final result and move it to its terminal state, in one transaction: a result is never
         recorded twice, and a job is never terminal without its result."""
         state = JobState(outcome)
@@ -204,7 +218,7 @@ class Store:
                 raise ValueError(f"job {job_id}: a result is already recorded")
             db.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?)",
                        (job_id, state.value, json.dumps(final, sort_keys=True), diverged_epoch, error))
-            self._transition(db, job_id, state, error, {"error": error})
+            self._transition(db, job_id, state, error or detail, {"error": error})
 
     # -- reads ----------------------------------------------------------------------------------------------
     def queued(self, limit: int | None = None) -> list[sqlite3.Row]:
@@ -218,13 +232,14 @@ class Store:
     def jobs(self, experiment_id: str | None = None, states: Iterable[str] | None = None) -> list[sqlite3.Row]:
         sql, args = "SELECT * FROM jobs WHERE 1 = 1", []
         if experiment_id is not None:
-            sql += " AND experiment_id = ?"
+            sql = ("SELECT jobs.* FROM experiment_jobs JOIN jobs ON jobs.id = experiment_jobs.job_id "
+                   "WHERE experiment_jobs.experiment_id = ?")
             args.append(experiment_id)
         if states is not None:
             states = [JobState(s).value for s in states]
             sql += f" AND state IN ({', '.join('?' * len(states))})"
             args += states
-        return self._db.execute(sql + " ORDER BY seq", args).fetchall()
+        return self._db.execute(sql + " ORDER BY jobs.seq", args).fetchall()
 
     def experiments(self) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM experiments ORDER BY submitted_at").fetchall()
@@ -233,8 +248,8 @@ class Store:
         return self._db.execute("SELECT * FROM experiments WHERE id = ?", (experiment_id,)).fetchone()
 
     def counts(self, experiment_id: str) -> dict[str, int]:
-        rows = self._db.execute("SELECT state, COUNT(*) FROM jobs WHERE experiment_id = ? GROUP BY state",
-                                (experiment_id,)).fetchall()
+        rows = self._db.execute("SELECT state, COUNT(*) FROM experiment_jobs JOIN jobs ON jobs.id = job_id "
+                                "WHERE experiment_jobs.experiment_id = ? GROUP BY state", (experiment_id,)).fetchall()
         return {JobState(r[0]).value: r[1] for r in rows}
 
     def epochs(self, job_id: str) -> list[dict]:
@@ -250,6 +265,26 @@ class Store:
 
     def events(self, job_id: str) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM events WHERE job_id = ? ORDER BY rowid", (job_id,)).fetchall()
+
+    @classmethod
+    def open_read_only(cls, path: str | Path, *, timeout: float = 10.0) -> Store:
+        """An existing store opened for reading only (`results --store`, `report --store`): it never creates,
+        migrates or writes the file, and may run beside the daemon that writes it (WAL lets readers in)."""
+        store = cls.__new__(cls)
+        store.path = Path(path).expanduser()
+        if not store.path.is_file():
+            raise StoreError(f"{store.path}: no such store file; pass the path the daemon writes (`l2cluster "
+                             "daemon status` prints it)")
+        try:
+            store._db = sqlite3.connect(f"{store.path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
+            store._db.row_factory = sqlite3.Row
+            row = store._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{store.path}: not a readable l2cluster store ({e})") from None
+        if row is None or int(row[0]) > SCHEMA_VERSION:
+            raise StoreError(f"{store.path}: store schema {row[0] if row else 'missing'} is not one this l2cluster "
+                             f"reads (≤ {SCHEMA_VERSION}); upgrade l2cluster")
+        return store
 
 
 def _statements() -> list[str]:

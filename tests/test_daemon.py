@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -72,7 +74,7 @@ def test_submit_wait_runs_two_rank_jobs_and_stores_their_results(cluster, tmp_pa
     assert [j["state"] for j in jobs] == ["succeeded"] * 4
     for j in jobs:
         assert len(store.epochs(j["id"])) == 1 and store.result(j["id"])["final"]["test_acc"] > 0.5
-    assert main(["results", experiment]) == 0
+    assert main(["results", experiment, "--jobs"]) == 0
     assert capsys.readouterr().out.count("succeeded") == 4
     assert main(["logs", jobs[0]["id"]]) == 0
     log = capsys.readouterr().out
@@ -180,3 +182,40 @@ def test_a_job_the_cluster_can_never_hold_fails_with_the_reason(cluster, tmp_pat
     assert code == 1
     (job,) = ray.get(cluster["handle"].results.remote(out.splitlines()[0]))
     assert job["state"] == "failed" and "the whole cluster has 4 CPU(s)" in job["result"]["error"]
+
+
+def _listening_addresses(pids: set[int]) -> set[str]:
+    """Local addresses of the TCP sockets these processes listen on, from /proc (no ss/psutil needed)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                found.add(cols[1].split(":")[0])
+    return found
+
+
+def _descendants(pid: int) -> set[int]:
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        with contextlib.suppress(OSError):
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+    return out
+
+
+def test_the_embedded_cluster_listens_on_127_0_0_1_only(cluster):
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1 as IPv4 and as IPv4-mapped IPv6
+    addresses = _listening_addresses(_descendants(os.getpid()))
+    assert len(addresses) >= 1 and addresses <= loopback, addresses
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")

@@ -115,3 +115,31 @@ def test_finish_is_atomic(tmp_path):
     with pytest.raises(InvalidTransition):  # queued → succeeded is not allowed: the result must not stay behind
         store.finish(jobs[0].id, "succeeded", {"test_acc": 0.9})
     assert store.result(jobs[0].id) is None and store.job(jobs[0].id)["state"] == "queued"
+
+
+def test_a_job_shared_by_two_submissions_runs_once_and_shows_in_both(tmp_path):
+    """Extending a sweep's seeds: the jobs already there keep their results and belong to both experiments."""
+    store = Store(tmp_path / "s.db")
+    first = _jobs({**SPEC, "sweep": {"seeds": [0]}})
+    second = _jobs({**SPEC, "sweep": {"seeds": [0, 1]}})
+    assert store.add_experiment("s-1", "s", {}, first) == 1
+    store.transition(first[0].id, JobState.PLACING)
+    store.transition(first[0].id, JobState.RUNNING)
+    store.finish(first[0].id, "succeeded", {"test_acc": 0.5})
+    assert store.add_experiment("s-2", "s", {}, second) == 1  # only seed 1 is new
+    assert [j["id"] for j in store.jobs("s-1")] == [first[0].id]
+    assert [j["id"] for j in store.jobs("s-2")] == [j.id for j in second]
+    assert store.counts("s-2") == {"succeeded": 1, "queued": 1}
+    assert [j["id"] for j in store.queued()] == [second[1].id]
+
+
+def test_a_schema_1_store_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "old.db"
+    store = Store(path)
+    store.add_experiment("s-1", "s", {}, _jobs())
+    store._db.execute("DELETE FROM experiment_jobs")
+    store._db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    store.close()
+    store = Store(path)
+    assert len(store.jobs("s-1")) == 4
+    assert store._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"

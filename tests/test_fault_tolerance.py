@@ -1,0 +1,147 @@
+"""Fault tolerance on a real local Ray: a SIGKILLed rank sends its job back to the queue and it resumes from its
+last checkpoint, ending exactly as an uninterrupted twin; a killed coordinator is restarted by Ray and loses
+nothing; max_attempts bounds the retries; a diverged job is final."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import ray
+from ray.exceptions import RayActorError
+
+from l2cluster.daemon import start_coordinator, start_local_ray
+from l2cluster.store import Store
+
+pytestmark = pytest.mark.slow
+
+# Real MNIST (or the fixture), 2,000 training images, batch 20: a few tenths of a second per epoch, long enough
+# to be interrupted mid-run. Dropout makes the per-rank random streams part of what must be restored.
+JOB = {"model": {"hidden_sizes": [32]}, "data": {"batch_size": 20, "val_size": 500, "train_size": 2000},
+       "optimizer": {"name": "adam", "lr": 0.003}, "regularizers": [{"name": "dropout", "p": 0.1}], "epochs": 6}
+TERMINAL = {"succeeded", "failed", "diverged", "cancelled"}
+TIMINGS = {"train_s", "epoch_s"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, mnist_dir):
+    store = tmp_path_factory.mktemp("ft") / "store.db"
+    start_local_ray(num_cpus=4)
+    handle = start_coordinator(store, data_dir=str(mnist_dir), idle_release_s=300, detached=False)
+    yield {"store": store, "handle": handle}
+    ray.get(handle.shutdown.remote(), timeout=30)
+    ray.shutdown()
+
+
+def call(handle, method, *args, timeout=120.0):
+    """A coordinator call that waits out a coordinator restart."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return ray.get(getattr(handle, method).remote(*args), timeout=30)
+        except RayActorError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def submit(cluster, name, **fields):
+    return call(cluster["handle"], "submit", {"name": name, **JOB, **fields})["experiment"]
+
+
+def wait_until(predicate, timeout=240.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def finished(cluster, experiment):
+    jobs = call(cluster["handle"], "status", experiment)
+    return jobs if all(j["state"] in TERMINAL for j in jobs) else None
+
+
+def outcome(store, job_id):
+    """A job's final metrics and per-epoch metrics without the timings."""
+    result = store.result(job_id)
+    final = {k: v for k, v in result["final"].items() if k not in TIMINGS}
+    epochs = [{k: v for k, v in e.items() if k not in TIMINGS} for e in store.epochs(job_id)]
+    return result["outcome"], final, epochs
+
+
+def kill_a_rank_of(cluster, job_id, rank):
+    """SIGKILL the process of one rank of the gang running `job_id`; returns its pid."""
+    gangs = call(cluster["handle"], "gangs_info")
+    gang = next(g for g in gangs if g["job"] == job_id)
+    pid = next(r["pid"] for r in gang["ranks"] if r["rank"] == rank)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_a_killed_rank_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(cluster):
+    store = Store(cluster["store"])
+    two_ranks = {"scaling": {"num_workers": 2}}
+    twin = wait_until(lambda: finished(cluster, submit(cluster, "ft-twin", **two_ranks)))[0]
+    exp = submit(cluster, "ft-kill", **two_ranks)
+    (job,) = call(cluster["handle"], "status", exp)
+    wait_until(lambda: store.job(job["job"])["epoch"] >= 2)
+    killed = kill_a_rank_of(cluster, job["job"], rank=1)
+
+    (done,) = wait_until(lambda: finished(cluster, exp))
+    assert done["state"] == "succeeded" and done["attempts"] == 2
+    details = [e["detail"] or "" for e in store.events(job["job"])]
+    assert any("attempt 1 lost (a rank of its gang died" in d for d in details), details
+    resumed = [d for d in details if d.startswith("resumed from the checkpoint of epoch")]
+    assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 2, details
+    assert outcome(store, job["job"]) == outcome(store, twin["job"])  # bit-identical metrics and parameter sum
+    # The dead gang was torn down and the retry ran on new processes; the checkpoints are gone.
+    ranks = [r["pid"] for g in call(cluster["handle"], "gangs_info") for r in g["ranks"]]
+    assert killed not in ranks
+    assert not (cluster["store"].parent / "checkpoints" / job["job"]).exists()
+
+
+def test_max_attempts_bounds_the_retries(cluster):
+    store = Store(cluster["store"])
+    exp = submit(cluster, "ft-once", max_attempts=1)
+    (job,) = call(cluster["handle"], "status", exp)
+    wait_until(lambda: store.job(job["job"])["epoch"] >= 1)
+    kill_a_rank_of(cluster, job["job"], rank=0)
+    (done,) = wait_until(lambda: finished(cluster, exp))
+    assert done["state"] == "failed" and done["attempts"] == 1
+    assert "gave up after 1 attempt(s) (max_attempts); the last: a rank of its gang died" in done["error"]
+
+
+def test_a_diverged_job_is_final_and_not_retried(cluster):
+    exp = submit(cluster, "ft-diverge", optimizer={"name": "sgd", "lr": 10.0}, epochs=3,
+                 regularizers=[{"name": "l2", "strength": 10.0}])
+    (done,) = wait_until(lambda: finished(cluster, exp))
+    assert done["state"] == "diverged" and done["attempts"] == 1
+    assert Store(cluster["store"]).result(done["job"])["diverged_epoch"] == 1
+
+
+def test_a_killed_coordinator_is_restarted_and_loses_nothing(cluster):
+    store = Store(cluster["store"])
+    seeds = {"sweep": {"seeds": [0, 1, 2]}}
+    twins = wait_until(lambda: finished(cluster, submit(cluster, "ft-coord-twin", **seeds)))
+    exp = submit(cluster, "ft-coord", **seeds)
+    wait_until(lambda: any(store.job(j["job"])["epoch"] >= 2 for j in call(cluster["handle"], "status", exp)))
+    old_pid = call(cluster["handle"], "ping")["pid"]
+    ray.kill(cluster["handle"], no_restart=False)
+
+    jobs = wait_until(lambda: finished(cluster, exp))
+    assert call(cluster["handle"], "ping")["pid"] != old_pid
+    assert [j["state"] for j in jobs] == ["succeeded"] * 3
+    restarted = [j for j in jobs if any("coordinator restarted" in (e["detail"] or "")
+                                        for e in store.events(j["job"]))]
+    assert restarted, "no job was in flight when the coordinator died"
+    for j in jobs:
+        terminal = [e for e in store.events(j["job"]) if e["new_state"] in TERMINAL]
+        assert len(terminal) == 1, f"{j['job']} finished {len(terminal)} times"
+    by_seed = {t["seed"]: t["job"] for t in twins}
+    for j in jobs:
+        assert outcome(store, j["job"]) == outcome(store, by_seed[j["seed"]]), j
