@@ -376,8 +376,11 @@ def _loc(loc: Sequence[Any]) -> str:
     return out
 
 
-def _hint(err: dict) -> str:
+def _hint(err: dict, problems: dict[str, str]) -> str:
     kind, msg = err["type"], err["msg"]
+    tag = (err.get("ctx") or {}).get("tag")
+    if kind == "union_tag_invalid" and tag in problems:  # a plugin by that name exists but could not be loaded
+        return f"plugin {tag!r} is {problems[tag]}"
     if kind == "extra_forbidden":
         return "unknown field; remove it or check its spelling"
     if kind == "missing":
@@ -392,8 +395,10 @@ def _hint(err: dict) -> str:
 _STATIC_TAGS = frozenset({"sgd", "adam", "adamw", "constant", "step", "cosine", "plateau"})
 
 
-def issues_from(err: ValidationError, tags: frozenset[str] = _STATIC_TAGS, prefix: str = "") -> list[Issue]:
-    """One Issue per pydantic error, with the path as written in the spec."""
+def issues_from(err: ValidationError, tags: frozenset[str] = _STATIC_TAGS, prefix: str = "",
+                problems: dict[str, str] | None = None) -> list[Issue]:
+    """One Issue per pydantic error, with the path as written in the spec. `problems`: plugin name → why it is
+    not loaded (refused or unavailable), to say so when a spec names it."""
     out = []
     for e in err.errors(include_url=False):
         clean: list[Any] = []
@@ -410,12 +415,16 @@ def issues_from(err: ValidationError, tags: frozenset[str] = _STATIC_TAGS, prefi
             clean.append(part)
         path = _loc(clean)
         sep = "." if prefix and path and not path.startswith("[") else ""
-        out.append(Issue(f"{prefix}{sep}{path}", _hint(e)))
+        out.append(Issue(f"{prefix}{sep}{path}", _hint(e, problems or {})))
     return out
 
 
 def union_tags(registry: Registry) -> frozenset[str]:
     return _STATIC_TAGS | (frozenset(registry.names) if len(registry.names) > 1 else frozenset())
+
+
+def plugin_problems(registry: Registry) -> dict[str, str]:
+    return {p.name: f"{p.status}: {p.reason}" for p in registry.problems}
 
 
 # -- loading ------------------------------------------------------------------------------------------------
@@ -586,7 +595,7 @@ def parse_spec(data: dict, registry: Registry, source: str = "<spec>"):
     try:
         spec = spec_models(registry).experiment.model_validate(data)
     except ValidationError as e:
-        raise SpecError(source, issues_from(e, union_tags(registry))) from None
+        raise SpecError(source, issues_from(e, union_tags(registry), problems=plugin_problems(registry))) from None
     issues = bools_as_numbers(spec, data)
     if issues:
         raise SpecError(source, issues)
@@ -744,7 +753,7 @@ def expand(spec, registry: Registry, *, max_jobs: int = DEFAULT_MAX_JOBS) -> lis
                     config = train_model.model_validate(cfg)
                     issues = bools_as_numbers(config, cfg)
                 except ValidationError as e:
-                    issues = issues_from(e, union_tags(registry))
+                    issues = issues_from(e, union_tags(registry), problems=plugin_problems(registry))
                 if issues:
                     setting = ", ".join(f"{k}={_short.repr(v)}" for k, v in overrides.items()) or "no grid values"
                     raise SpecError(spec.name, [Issue(i.path, f"{i.message} (in {where} with {setting})")

@@ -153,6 +153,8 @@ def valid_specs(draw) -> dict:
         spec["epochs"] = draw(st.integers(1, 20))
     if draw(st.booleans()):
         spec["seed"] = draw(st.integers(0, 1000))
+    if draw(st.booleans()):
+        spec["max_attempts"] = draw(st.integers(1, 100))
     regs = draw(st.lists(st.sampled_from(BUILTIN_PLUGINS), unique=True, max_size=3))
     spec["regularizers"] = [{"name": r, **_REGULARIZERS[r](draw)} for r in regs]
     if not regs and spec["optimizer"]["name"] != "sgd" and draw(st.booleans()):
@@ -203,7 +205,7 @@ def _reg_index(spec: dict, name: str) -> int | None:
 
 # (path, kind, lo, hi, open_lo, open_hi) of the numbers a spec holds, from `l2cluster schema`.
 def _numeric_fields(spec: dict) -> list[tuple]:
-    fields = [("epochs", int, 1, 10000), ("seed", int, 0, MAX_SEED),
+    fields = [("epochs", int, 1, 10000), ("seed", int, 0, MAX_SEED), ("max_attempts", int, 1, 100),
               *([("model.hidden_sizes[0]", int, 1, 65536)] if "model" in spec else []),
               ("data.batch_size", int, 1, 60000), ("data.val_size", int, 1, 59999),
               ("data.train_size", int, 1, 59999), ("data.split_seed", int, 0, MAX_SEED),
@@ -316,7 +318,7 @@ def _fault_wrong_type(draw, spec):
 
 _KNOWN = {
     "": {"name", "description", "model", "data", "optimizer", "schedule", "epochs", "seed", "regularizers",
-         "scaling", "sweep"},
+         "scaling", "sweep", "max_attempts"},
     "model": {"hidden_sizes", "activation", "dtype"},
     "data": {"batch_size", "val_size", "train_size", "split_seed"},
     "optimizer": {"name", "lr", "weight_decay", "momentum", "nesterov", "betas", "eps"},
