@@ -76,6 +76,7 @@ def test_daemon_start_refuses_a_corrupt_store_and_starts_no_daemon(tmp_path, cap
 def test_run_on_a_locked_store_is_a_clear_error(tmp_path, capsys):
     path = tmp_path / "store.db"
     Store(path).close()
+    before = path.read_bytes()
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
@@ -83,6 +84,7 @@ def test_run_on_a_locked_store_is_a_clear_error(tmp_path, capsys):
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+    assert path.read_bytes() == before
     err = capsys.readouterr().err
     assert "cannot open the store (database is locked); another process may hold it locked" in err
 
