@@ -211,3 +211,29 @@ def test_ddp_ranks_agree_on_the_plugin_to_blame(tmp_path):
     assert results[0] == results[1]
     assert results[0]["outcome"] == "failed"
     assert results[0]["error"].startswith("plugin 'rank_nan', hook 'on_activation': returned NaN activations")
+
+
+def test_broken_installed_plugins_are_listed_with_the_reason_and_the_rest_load(tmp_path, monkeypatch):
+    """Entry points of installed packages (found by importlib.metadata on sys.path): one that fails to import is
+    unavailable, one that is not a Regularizer is refused; the built-ins and the good one still load."""
+    dist = tmp_path / "l2cluster_broken-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: l2cluster-broken\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[l2cluster.regularizers]\nbroken = l2c_broken_import:Plugin\nnotreg = l2c_not_a_plugin:Thing\n"
+        "good = l2c_good:Good\n")
+    (tmp_path / "l2c_broken_import.py").write_text("raise ImportError('needs libfoo.so')\n")
+    (tmp_path / "l2c_not_a_plugin.py").write_text("class Thing:\n    name = 'notreg'\n")
+    (tmp_path / "l2c_good.py").write_text(
+        "from pydantic import BaseModel, ConfigDict\nfrom l2cluster.plugin import Regularizer\n\n"
+        "class Good(Regularizer):\n    name = 'good'\n\n    class Config(BaseModel):\n"
+        "        model_config = ConfigDict(extra='forbid')\n\n    def after_step(self, params):\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from l2cluster.registry import load_registry
+
+    reg = load_registry()
+    assert {"l2", "dropout", "grad_clip", "decoupled_decay", "good"} <= set(reg.names)
+    problems = {p.name: (p.status, p.reason) for p in reg.problems}
+    assert problems["broken"] == ("unavailable", "import failed: ImportError: needs libfoo.so")
+    assert problems["notreg"][0] == "refused" and "is not a subclass of l2cluster.plugin.Regularizer" in \
+        problems["notreg"][1]
