@@ -518,7 +518,7 @@ def read_spec_file(path: str | Path) -> dict:
         if path.suffix == ".json":
             data = json.loads(text, object_pairs_hook=_json_object)
         else:
-            data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
+            data = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader: plain data only
     except json.JSONDecodeError as e:
         raise SpecError(source, [Issue("", f"line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}")]) from None
     except yaml.YAMLError as e:
