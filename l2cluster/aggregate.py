@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from l2cluster.store import job_dict
+
 CONFIDENCE = 0.95
 TERMINAL_STATES = ("succeeded", "failed", "diverged", "cancelled")
 # `--by` names that are not paths into the resolved config.
@@ -128,15 +130,6 @@ def summarize(values: Iterable[float | None], confidence: float = CONFIDENCE) ->
 
 
 # -- reading an experiment ---------------------------------------------------------------------------------------
-def job_dict(row) -> dict:
-    """A store row of the jobs table as the plain dict the CLI shows (`status`, `results --jobs`)."""
-    return {"job": row["id"], "experiment": row["experiment_id"], "label": row["label"],
-            "overrides": json.loads(row["overrides_json"]), "seed": row["seed"], "state": row["state"],
-            "epoch": row["epoch"], "attempts": row["attempts"], "node": row["node"], "error": row["error"],
-            "priority": row["priority"], "submitted_at": row["submitted_at"], "started_at": row["started_at"],
-            "finished_at": row["finished_at"]}
-
-
 def export_experiment(store, experiment_id: str, *, epochs: bool = True) -> dict:
     """Everything aggregation needs about one experiment, as plain (picklable, JSON-able) dicts: its jobs with
     resolved config, group key, stored result and (with `epochs`) per-epoch metrics. KeyError if unknown."""

@@ -8,6 +8,7 @@ of the same shape without starting anything new.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -172,6 +173,24 @@ class RankWorker:
             dist.destroy_process_group()
 
 
+PG_PREFIX = "l2cluster-gang-"
+
+
+def remove_orphaned_placement_groups() -> int:
+    """Remove the placement groups of gangs a previous coordinator left behind; returns how many.
+
+    A gang's actors die with the coordinator that created them, but its placement group belongs to the Ray job
+    and would keep its CPUs and GPUs reserved for ever. Only a starting coordinator calls this: every gang
+    placement group on the cluster is then an orphan."""
+    removed = 0
+    for info in ray.util.placement_group_table().values():
+        if info.get("name", "").startswith(PG_PREFIX) and info.get("state") != "REMOVED":
+            with contextlib.suppress(Exception):  # removed meanwhile
+                remove_placement_group(ray.util.get_placement_group(info["name"]))
+                removed += 1
+    return removed
+
+
 @dataclass
 class Gang:
     """Driver-side handle of one gang: its placement group, its rank actors, and what it is doing."""
@@ -188,7 +207,8 @@ class Gang:
 
     @classmethod
     def create(cls, shape: GangShape, *, strategy: str, plugin_dirs: list[str]) -> Gang:
-        pg = placement_group(shape.bundles(), strategy=strategy)
+        gang_id = uuid.uuid4().hex[:8]
+        pg = placement_group(shape.bundles(), strategy=strategy, name=f"{PG_PREFIX}{gang_id}")
         threads = max(1, int(shape.cpus_per_worker))
         workers = [
             RankWorker.options(
@@ -197,7 +217,7 @@ class Gang:
             ).remote(rank, shape.num_workers, threads, plugin_dirs)
             for rank in range(shape.num_workers)
         ]
-        return cls(shape, pg, workers)
+        return cls(shape, pg, workers, id=gang_id)
 
     async def form(self, mnist_ref, timeout_s: float) -> None:
         """Wait for the placement group, then start the process group and hand every rank the dataset."""

@@ -289,3 +289,12 @@ class Store:
 
 def _statements() -> list[str]:
     return [s.strip() for s in _SCHEMA.split(";") if s.strip()]
+
+
+def job_dict(row: sqlite3.Row) -> dict:
+    """A row of the jobs table as the plain dict the CLI shows (`status`, `results --jobs`)."""
+    return {"job": row["id"], "experiment": row["experiment_id"], "label": row["label"],
+            "overrides": json.loads(row["overrides_json"]), "seed": row["seed"], "state": row["state"],
+            "epoch": row["epoch"], "attempts": row["attempts"], "node": row["node"], "error": row["error"],
+            "priority": row["priority"], "submitted_at": row["submitted_at"], "started_at": row["started_at"],
+            "finished_at": row["finished_at"]}
