@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -166,15 +167,19 @@ def cmd_daemon(args) -> int:
     if args.action == "start":
         if args.address:
             daemon.connect(args.address)
-            daemon.start_coordinator(args.store or daemon.default_store(), plugin_dirs=args.plugin_dir or [],
-                                     data_dir=args.data_dir, idle_release_s=args.idle_release_s,
-                                     strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir)
+            _start_coordinator(args.store or daemon.default_store(), plugin_dirs=args.plugin_dir or [],
+                               data_dir=args.data_dir, idle_release_s=args.idle_release_s,
+                               strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir,
+                               max_jobs=args.max_jobs)
             print(f"coordinator running on the cluster at {args.address}")
             return 0
-        state = daemon.spawn_local_daemon(Path(args.store or daemon.default_store()).resolve(),
-                                          plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
+        store = Path(args.store or daemon.default_store()).resolve()
+        if not ((state := daemon.read_state()) and daemon._alive(state["pid"])):
+            _check_store(store)  # here, before a daemon process fails on it out of sight
+        state = daemon.spawn_local_daemon(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
                                           idle_release_s=args.idle_release_s, num_cpus=args.num_cpus,
-                                          strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir)
+                                          strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir,
+                                          max_jobs=args.max_jobs)
         print(f"local daemon running: pid {state['pid']}, Ray at {state['address']}, store {state['store']}")
         return 0
     if args.action == "stop":
@@ -191,6 +196,29 @@ def cmd_daemon(args) -> int:
     info = _daemon_call("ping")
     print(f"coordinator up: store {info['store']}, {info['gangs']} gang(s), {info['running']} job(s) running")
     return 0
+
+
+def _check_store(path: Path) -> None:
+    """Open (or create) the store once, so that a corrupt or locked file is a clear error (StoreError) before any
+    daemon starts on it; the file is left untouched."""
+    from l2cluster.store import Store
+
+    Store(path).close()
+
+
+def _start_coordinator(store, **options):
+    """daemon.start_coordinator, with the reason in one line when the coordinator dies while starting (a corrupt
+    or locked store on the coordinator's node, an unusable plugin directory…)."""
+    from ray.exceptions import RayActorError
+
+    from l2cluster import daemon
+
+    try:
+        return daemon.start_coordinator(store, **options)
+    except RayActorError as e:
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        reason = last.split(": ", 1)[1] if re.match(r"^[\w.]+(Error|Exception): ", last) else last
+        raise UserError(f"the coordinator could not start: {reason}") from None
 
 
 def cmd_submit(args) -> int:
@@ -349,12 +377,13 @@ def cmd_run(args) -> int:
     if state and daemon._alive(state["pid"]) and Path(state["store"]).resolve() == store:
         raise UserError("a local daemon is running on the same store; use `l2cluster submit --wait` instead, "
                         "or pass --store")
+    _check_store(store)
     t0 = time.perf_counter()
     daemon.start_local_ray(args.num_cpus)
     try:
-        handle = daemon.start_coordinator(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
-                                          idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
-                                          checkpoint_dir=args.checkpoint_dir, detached=False)
+        handle = _start_coordinator(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
+                                    idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
+                                    checkpoint_dir=args.checkpoint_dir, max_jobs=args.max_jobs, detached=False)
         sub = _daemon_call("submit", spec, args.priority, args.spec)
         print(f"{sub['experiment']}: {sub['jobs']} job(s) on a local Ray with "
               f"{int(ray.cluster_resources().get('CPU', 0))} CPU(s)", file=sys.stderr)
@@ -391,6 +420,20 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 # -- parser -------------------------------------------------------------------------------------------------
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _priority(text: str) -> int:
+    value = int(text)
+    if not -(2**31) <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"must be between {-(2**31)} and {2**31 - 1}, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from l2cluster.report import FORMATS
     from l2cluster.spec import DEFAULT_MAX_JOBS
@@ -403,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     def spec_command(name, fn, help):
         p = sub.add_parser(name, help=help)
         p.add_argument("spec", help="job spec file (.yaml, .yml or .json)")
-        p.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS, help="refuse sweeps larger than this")
+        p.add_argument("--max-jobs", type=_positive, default=DEFAULT_MAX_JOBS, help="refuse sweeps larger than this")
         p.set_defaults(fn=fn)
         return p
 
@@ -428,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                        default="STRICT_PACK", help="placement group strategy of a gang's ranks")
         p.add_argument("--checkpoint-dir", help="where every rank writes its job's per-epoch checkpoints (default: "
                        "'checkpoints' beside the store); on a multi-node cluster, shared storage every node sees")
+        p.add_argument("--max-jobs", type=_positive, default=DEFAULT_MAX_JOBS,
+                       help=f"refuse submissions that expand to more jobs than this (default {DEFAULT_MAX_JOBS})")
 
     p = sub.add_parser("daemon", help="start, stop or check the daemon (a coordinator on a Ray cluster)")
     p.add_argument("action", choices=("start", "stop", "status"))
@@ -437,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="queue a spec's jobs on the daemon; prints the experiment id")
     p.add_argument("spec")
-    p.add_argument("--priority", type=int, default=0, help="higher runs first")
+    p.add_argument("--priority", type=_priority, default=0, help="higher runs first")
     p.add_argument("--wait", action="store_true", help="wait for every job, showing progress, then print results")
     p.add_argument("--address")
     p.set_defaults(fn=cmd_submit)
@@ -479,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a spec on an embedded local Ray and print the results (the default)")
     p.add_argument("spec")
-    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--priority", type=_priority, default=0)
     daemon_options(p, "~/.local/state/l2cluster/store.db")
     p.set_defaults(fn=cmd_run)
 

@@ -21,6 +21,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from l2cluster.checkpoint import remove_job
+from l2cluster.data import DataError
 from l2cluster.gang import Gang, GangShape, remove_orphaned_placement_groups
 from l2cluster.log import configure_logging, get_logger
 from l2cluster.states import JobState
@@ -247,6 +248,13 @@ class Coordinator:
             self._drop(gang)
             self.running.pop(job_id, None)
             self._retry_or_fail(job_id, f"placement failed: {type(e).__name__}: {e}")
+            self._wake.set()
+            return
+        except DataError as e:  # MNIST is missing or corrupt here: fail the job, keep serving (fixed files load)
+            log.error("data_unusable", error=str(e))
+            self._drop(gang)
+            self.running.pop(job_id, None)
+            self.store.finish(job_id, "failed", {}, error=f"the coordinator cannot load MNIST: {e}")
             self._wake.set()
             return
         self.store.transition(job_id, JobState.RUNNING, node=gang.node)
