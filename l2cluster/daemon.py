@@ -65,17 +65,24 @@ def ensure_auth_token() -> None:
             f.write(secrets.token_hex(32))
 
 
-def start_local_ray(num_cpus: int | None = None) -> None:
-    """A Ray head bound to 127.0.0.1, in this process (ray.shutdown() stops exactly what it started)."""
-    ensure_auth_token()
-    # ray.init() turns a node address of 127.0.0.1 into the machine's outward address, and then Ray's servers
-    # (GCS, raylet, workers) listen on every interface. Ray's single-machine mode (its default on macOS and
-    # Windows) keeps the node on the loopback address, so every server listens on 127.0.0.1 only. The processes
-    # Ray starts read the environment variable; this process's Ray has already read it at import.
+def _stay_on_loopback() -> None:
+    """Keep this process's Ray node, and the processes it starts, on 127.0.0.1.
+
+    ray.init() turns a node address of 127.0.0.1 into the machine's outward address: a head's servers (GCS,
+    raylet, workers) then listen on every interface, and a client of a head on 127.0.0.1 dials the outward
+    address, where nothing listens. Ray's single-machine mode (its default on macOS and Windows) keeps the node
+    on the loopback address. Processes Ray starts read the environment variable; this process's Ray has read it
+    at import already, hence the constant too."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """A Ray head bound to 127.0.0.1, in this process (ray.shutdown() stops exactly what it started)."""
+    ensure_auth_token()
+    _stay_on_loopback()
     # address="local": always a new cluster of our own; without it ray.init() joins any Ray already running here.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR", configure_logging=False)
@@ -90,6 +97,9 @@ def connect(address: str | None = None) -> None:
         raise DaemonError("no daemon to talk to: start one with `l2cluster daemon start`, or pass --address "
                           "(or set RAY_ADDRESS) for a daemon on an existing Ray cluster")
     ensure_auth_token()
+    host = address.removeprefix("ray://").rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost") or host.startswith("127."):  # a local daemon's head
+        _stay_on_loopback()
     if "RAY_AUTH_MODE" not in os.environ and not os.environ.get("RAY_AUTH_TOKEN"):
         # A client joining a cluster sends its token only in token mode; Ray does not infer it from the file.
         # Ray reads its config once per process, so refresh it as Ray's own token set-up does.

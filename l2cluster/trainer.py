@@ -370,7 +370,11 @@ class Trainer:
         if len(state["results"]) != self.K:
             raise ValueError(f"checkpoint holds {len(state['results'])} models, this trainer {self.K}")
         self.model.load_state_dict(state["model"])
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            if isinstance(lr, torch.Tensor):  # capturable: the CUDA graph reads this device tensor; refill it
+                group["lr"] = lr.copy_(torch.as_tensor(group["lr"]))
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         for g, s in zip(self.order_gens, state["order_rng"]):
