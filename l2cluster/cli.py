@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -175,15 +176,19 @@ def cmd_daemon(args) -> int:
         address = args.address or os.environ.get("RAY_ADDRESS")
         if address:
             daemon.connect(address)
-            daemon.start_coordinator(args.store or daemon.default_store(), plugin_dirs=args.plugin_dir or [],
-                                     data_dir=args.data_dir, idle_release_s=args.idle_release_s,
-                                     strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir)
+            _start_coordinator(args.store or daemon.default_store(), plugin_dirs=args.plugin_dir or [],
+                               data_dir=args.data_dir, idle_release_s=args.idle_release_s,
+                               strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir,
+                               max_jobs=args.max_jobs)
             print(f"coordinator running on the cluster at {address}")
             return 0
-        state = daemon.spawn_local_daemon(Path(args.store or daemon.default_store()).resolve(),
-                                          plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
+        store = Path(args.store or daemon.default_store()).resolve()
+        if not ((state := daemon.read_state()) and daemon._alive(state["pid"])):
+            _check_store(store)  # here, before a daemon process fails on it out of sight
+        state = daemon.spawn_local_daemon(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
                                           idle_release_s=args.idle_release_s, num_cpus=args.num_cpus,
-                                          strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir)
+                                          strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir,
+                                          max_jobs=args.max_jobs)
         print(f"local daemon running: pid {state['pid']}, Ray at {state['address']}, store {state['store']}")
         return 0
     if args.action == "stop":
@@ -202,6 +207,29 @@ def cmd_daemon(args) -> int:
     return 0
 
 
+def _check_store(path: Path) -> None:
+    """Open (or create) the store once, so that a corrupt or locked file is a clear error (StoreError) before any
+    daemon starts on it; the file is left untouched."""
+    from l2cluster.store import Store
+
+    Store(path).close()
+
+
+def _start_coordinator(store, **options):
+    """daemon.start_coordinator, with the reason in one line when the coordinator dies while starting (a corrupt
+    or locked store on the coordinator's node, an unusable plugin directory…)."""
+    from ray.exceptions import RayActorError
+
+    from l2cluster import daemon
+
+    try:
+        return daemon.start_coordinator(store, **options)
+    except RayActorError as e:
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        reason = last.split(": ", 1)[1] if re.match(r"^[\w.]+(Error|Exception): ", last) else last
+        raise UserError(f"the coordinator could not start: {reason}") from None
+
+
 def cmd_submit(args) -> int:
     from l2cluster.daemon import connect
     from l2cluster.spec import read_spec_file
@@ -217,24 +245,27 @@ def cmd_submit(args) -> int:
 
 
 def _wait_and_report(experiment: str) -> int:
-    """Poll until every job of the experiment is finished, printing progress to stderr; then the results."""
-    interval = 1.0 if sys.stderr.isatty() else 2.0
-    last = None
+    """Show live progress on stderr until every job of the experiment is finished; then print the per-job results
+    and the configurations ranked by validation accuracy."""
+    from l2cluster.aggregate import group_jobs
+    from l2cluster.progress import Progress, ProgressDisplay
+    from l2cluster.report import render
+
+    plan = _daemon_call("export", experiment, False, timeout=300)
+    progress = Progress({j["job"]: j["config"]["epochs"] for j in plan["jobs"]})
+    display = ProgressDisplay(experiment, sys.stderr)
+    interval = 1.0 if display.tty else 2.0
     while True:
-        jobs = _daemon_call("status", experiment)
-        counts: dict[str, int] = {}
-        for j in jobs:
-            counts[j["state"]] = counts.get(j["state"], 0) + 1
-        line = "  ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-        if line != last:
-            print(f"[{time.strftime('%H:%M:%S')}] {experiment}: {line}", file=sys.stderr, flush=True)
-            last = line
-        if all(j["state"] in ("succeeded", "failed", "diverged", "cancelled") for j in jobs):
+        snap = progress.update(_daemon_call("status", experiment))
+        display.show(snap)
+        if snap.finished:
             break
         time.sleep(interval)
-    rows = _daemon_call("results", experiment)
-    print(_results_table(rows))
-    return 1 if any(r["state"] == "failed" for r in rows) else 0
+    export = _daemon_call("export", experiment, timeout=300)
+    print(_results_table(export["jobs"]))
+    print()
+    print(render([group_jobs(export)], "table", [experiment]))
+    return 1 if any(j["state"] == "failed" for j in export["jobs"]) else 0
 
 
 def _results_table(rows: list[dict]) -> str:
@@ -273,11 +304,57 @@ def cmd_cancel(args) -> int:
     return 0
 
 
-def cmd_results(args) -> int:
-    from l2cluster.daemon import connect
+def _exports(args, experiments: Sequence[str]) -> list[dict]:
+    """The experiments' jobs with results and epochs: from the coordinator (works on any cluster), or read
+    straight from a store file with --store (no daemon needed, e.g. after `l2cluster run`)."""
+    from l2cluster.aggregate import export_experiment
 
-    connect(args.address)
-    print(_results_table(_daemon_call("results", args.experiment)))
+    if args.store:
+        from l2cluster.store import Store
+
+        store = Store.open_read_only(args.store)
+        try:
+            return [export_experiment(store, e) for e in experiments]
+        except KeyError as e:
+            raise UserError(e.args[0]) from None
+        finally:
+            store.close()
+    from l2cluster.daemon import DaemonError, connect
+
+    try:
+        connect(args.address)
+    except DaemonError as e:
+        raise UserError(f"{e}; or read a store file directly with --store PATH") from None
+    return [_daemon_call("export", e, timeout=300) for e in experiments]
+
+
+def cmd_results(args) -> int:
+    from l2cluster.aggregate import FieldError, group_jobs
+    from l2cluster.report import render
+
+    exports = _exports(args, args.experiments)
+    if args.jobs:
+        if args.format not in ("table", "json"):
+            raise UserError("--jobs prints a table or JSON; drop --format or use --format table|json")
+        jobs = [{k: v for k, v in j.items() if k != "epochs"} for e in exports for j in e["jobs"]]
+        print(json.dumps(jobs, indent=2) if args.format == "json" else _results_table(jobs))
+        return 0
+    try:
+        per_experiment = [group_jobs(e, args.by) for e in exports]
+    except FieldError as e:
+        raise UserError(str(e)) from None
+    print(render(per_experiment, args.format, [e["experiment"] for e in exports]))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from l2cluster.report import write_report
+
+    (export,) = _exports(args, [args.experiment])
+    written = write_report(export, args.output)
+    print(written["html"])
+    for path in [*written["pngs"], written["csv"]]:
+        print(path)
     return 0
 
 
@@ -309,12 +386,13 @@ def cmd_run(args) -> int:
     if state and daemon._alive(state["pid"]) and Path(state["store"]).resolve() == store:
         raise UserError("a local daemon is running on the same store; use `l2cluster submit --wait` instead, "
                         "or pass --store")
+    _check_store(store)
     t0 = time.perf_counter()
     daemon.start_local_ray(args.num_cpus)
     try:
-        handle = daemon.start_coordinator(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
-                                          idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
-                                          checkpoint_dir=args.checkpoint_dir, detached=False)
+        handle = _start_coordinator(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
+                                    idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
+                                    checkpoint_dir=args.checkpoint_dir, max_jobs=args.max_jobs, detached=False)
         sub = _daemon_call("submit", spec, args.priority, args.spec)
         print(f"{sub['experiment']}: {sub['jobs']} job(s) on a local Ray with "
               f"{int(ray.cluster_resources().get('CPU', 0))} CPU(s)", file=sys.stderr)
@@ -322,7 +400,9 @@ def cmd_run(args) -> int:
         ray.get(handle.shutdown.remote(), timeout=30)
     finally:
         ray.shutdown()
-    print(f"done in {time.perf_counter() - t0:.1f} s; store {store}", file=sys.stderr)
+    print(f"done in {time.perf_counter() - t0:.1f} s; store {store}\n"
+          f"more: l2cluster results {sub['experiment']} --store {store}  |  "
+          f"l2cluster report {sub['experiment']} --store {store} -o DIR", file=sys.stderr)
     return code
 
 
@@ -349,7 +429,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 # -- parser -------------------------------------------------------------------------------------------------
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _priority(text: str) -> int:
+    value = int(text)
+    if not -(2**31) <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"must be between {-(2**31)} and {2**31 - 1}, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from l2cluster.report import FORMATS
     from l2cluster.spec import DEFAULT_MAX_JOBS
 
     parser = argparse.ArgumentParser(prog="l2cluster", description=__doc__.splitlines()[0])
@@ -360,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     def spec_command(name, fn, help):
         p = sub.add_parser(name, help=help)
         p.add_argument("spec", help="job spec file (.yaml, .yml or .json)")
-        p.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS, help="refuse sweeps larger than this")
+        p.add_argument("--max-jobs", type=_positive, default=DEFAULT_MAX_JOBS, help="refuse sweeps larger than this")
         p.set_defaults(fn=fn)
         return p
 
@@ -385,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                        default="STRICT_PACK", help="placement group strategy of a gang's ranks")
         p.add_argument("--checkpoint-dir", help="where every rank writes its job's per-epoch checkpoints (default: "
                        "'checkpoints' beside the store); on a multi-node cluster, shared storage every node sees")
+        p.add_argument("--max-jobs", type=_positive, default=DEFAULT_MAX_JOBS,
+                       help=f"refuse submissions that expand to more jobs than this (default {DEFAULT_MAX_JOBS})")
 
     p = sub.add_parser("daemon", help="start, stop or check the daemon (a coordinator on a Ray cluster)")
     p.add_argument("action", choices=("start", "stop", "status"))
@@ -394,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="queue a spec's jobs on the daemon; prints the experiment id")
     p.add_argument("spec")
-    p.add_argument("--priority", type=int, default=0, help="higher runs first")
+    p.add_argument("--priority", type=_priority, default=0, help="higher runs first")
     p.add_argument("--wait", action="store_true", help="wait for every job, showing progress, then print results")
     p.add_argument("--address")
     p.set_defaults(fn=cmd_submit)
@@ -409,10 +506,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address")
     p.set_defaults(fn=cmd_cancel)
 
-    p = sub.add_parser("results", help="final metrics of an experiment's jobs")
-    p.add_argument("experiment")
+    p = sub.add_parser("results", help="an experiment's configurations summarized over seeds, ranked by validation "
+                       "accuracy; several experiments side by side")
+    p.add_argument("experiments", nargs="+", metavar="EXP", help="experiment id (two or more: compared side by side)")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+    p.add_argument("--by", action="append", metavar="FIELD",
+                   help="group by this field instead of the whole configuration: label, seed, job, or a dotted "
+                        "config path such as optimizer.lr or regularizers.l2.strength (repeatable)")
+    p.add_argument("--jobs", action="store_true", help="one row per job instead (final metrics, state, node)")
+    p.add_argument("--store", help="read this store file directly instead of asking the daemon")
     p.add_argument("--address")
     p.set_defaults(fn=cmd_results)
+
+    p = sub.add_parser("report", help="an HTML report with plots (and the PNGs) of an experiment")
+    p.add_argument("experiment", metavar="EXP")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for report.html, the PNGs and "
+                   "results.csv (created if missing)")
+    p.add_argument("--store", help="read this store file directly instead of asking the daemon")
+    p.add_argument("--address")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("logs", help="a job's state changes, epochs and error")
     p.add_argument("job")
@@ -421,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a spec on an embedded local Ray and print the results (the default)")
     p.add_argument("spec")
-    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--priority", type=_priority, default=0)
     daemon_options(p, "~/.local/state/l2cluster/store.db")
     p.set_defaults(fn=cmd_run)
 

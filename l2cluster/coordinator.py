@@ -21,10 +21,11 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from l2cluster.checkpoint import remove_job
-from l2cluster.gang import Gang, GangShape
+from l2cluster.data import DataError
+from l2cluster.gang import Gang, GangShape, remove_orphaned_placement_groups
 from l2cluster.log import configure_logging, get_logger
 from l2cluster.states import JobState
-from l2cluster.store import Store
+from l2cluster.store import Store, job_dict
 
 NAMESPACE = "l2cluster"
 NAME = "coordinator"
@@ -64,7 +65,10 @@ class Coordinator:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         # Jobs a previous coordinator left in flight go back to the queue: their gangs were its actors and died
-        # with it. They resume from their last checkpoints.
+        # with it (their placement groups do not: release them). The jobs resume from their last checkpoints.
+        orphans = remove_orphaned_placement_groups()
+        if orphans:
+            self.log.info("orphaned_gangs_released", placement_groups=orphans)
         for row in self.store.jobs(states=[JobState.PLACING, JobState.RUNNING]):
             self._retry_or_fail(row["id"], "the coordinator restarted")
         # Ray restarts a killed coordinator with no caller: start scheduling now, not at the first request.
@@ -97,11 +101,18 @@ class Coordinator:
             return [{"experiment": e["id"], "priority": e["priority"], "submitted_at": e["submitted_at"],
                      "counts": self.store.counts(e["id"])} for e in self.store.experiments()]
         self._need_experiment(experiment_id)
-        return [_job_dict(r) for r in self.store.jobs(experiment_id)]
+        return [job_dict(r) for r in self.store.jobs(experiment_id)]
 
     async def results(self, experiment_id: str) -> list[dict]:
         self._need_experiment(experiment_id)
-        return [{**_job_dict(r), "result": self.store.result(r["id"])} for r in self.store.jobs(experiment_id)]
+        return [{**job_dict(r), "result": self.store.result(r["id"])} for r in self.store.jobs(experiment_id)]
+
+    async def export(self, experiment_id: str, epochs: bool = True) -> dict:
+        """An experiment's jobs with config, group key, result and per-epoch metrics, for `results` and `report`
+        (l2cluster.aggregate.export_experiment): the CLI may not see the store file on a remote cluster."""
+        from l2cluster.aggregate import export_experiment
+
+        return export_experiment(self.store, experiment_id, epochs=epochs)
 
     async def logs(self, job_id: str) -> dict:
         row = self.store.job(job_id)
@@ -109,7 +120,7 @@ class Coordinator:
             raise KeyError(f"no job {job_id!r}; `l2cluster status EXPERIMENT` lists job ids")
         events = [{"at": e["at"], "from": e["old_state"], "to": e["new_state"], "attempt": e["attempt"],
                    "detail": e["detail"]} for e in self.store.events(job_id)]
-        return {"job": _job_dict(row), "events": events, "epochs": self.store.epochs(job_id),
+        return {"job": job_dict(row), "events": events, "epochs": self.store.epochs(job_id),
                 "result": self.store.result(job_id)}
 
     async def cancel(self, target: str) -> int:
@@ -135,8 +146,11 @@ class Coordinator:
 
     async def gangs_info(self) -> list[dict]:
         out = []
-        for g in self.gangs.values():
-            infos = await asyncio.gather(*[w.info.remote() for w in g.workers]) if g.ready else []
+        for g in list(self.gangs.values()):  # gangs come and go while this awaits
+            try:
+                infos = await asyncio.gather(*[w.info.remote() for w in g.workers]) if g.ready else []
+            except RayError:  # a rank just died: the gang is being dropped
+                continue
             out.append({"gang": g.id, "shape": g.shape.__dict__, "busy": g.busy, "job": g.job_id, "ranks": infos})
         return out
 
@@ -236,6 +250,13 @@ class Coordinator:
             self._retry_or_fail(job_id, f"placement failed: {type(e).__name__}: {e}")
             self._wake.set()
             return
+        except DataError as e:  # MNIST is missing or corrupt here: fail the job, keep serving (fixed files load)
+            log.error("data_unusable", error=str(e))
+            self._drop(gang)
+            self.running.pop(job_id, None)
+            self.store.finish(job_id, "failed", {}, error=f"the coordinator cannot load MNIST: {e}")
+            self._wake.set()
+            return
         self.store.transition(job_id, JobState.RUNNING, node=gang.node)
         gang.job_id = job_id
         if running.cancel_requested:
@@ -250,7 +271,8 @@ class Coordinator:
             outcome = "cancelled" if running.cancel_requested and out["outcome"] == "cancelled" else out["outcome"]
             resumed = out.get("resumed_from_epoch")
             self.store.finish(job_id, outcome, out["final"], error=out["error"], diverged_epoch=out["diverged_epoch"],
-                              detail=f"resumed from the checkpoint of epoch {resumed}" if resumed else None)
+                              detail=f"resumed from the checkpoint of epoch {resumed}" if resumed else None,
+                              epochs=out.get("epochs"), attempt=attempt)
             log.info("job_finished", outcome=outcome, resumed_from_epoch=resumed)
             if stuck or (gang.shape.num_workers > 1 and any(o and o.get("traceback") for o in outs)):
                 # A rank crashed outside the collectives' lockstep: its process group cannot be trusted.
@@ -334,11 +356,3 @@ async def _await_ranks(refs: list) -> tuple[list[dict | None], int]:
         for f in pending:
             f.cancel()
     return [f.result() if f.done() and not f.cancelled() else None for f in futures], len(pending)
-
-
-def _job_dict(row) -> dict:
-    return {"job": row["id"], "experiment": row["experiment_id"], "label": row["label"],
-            "overrides": json.loads(row["overrides_json"]), "seed": row["seed"], "state": row["state"],
-            "epoch": row["epoch"], "attempts": row["attempts"], "node": row["node"], "error": row["error"],
-            "priority": row["priority"], "submitted_at": row["submitted_at"], "started_at": row["started_at"],
-            "finished_at": row["finished_at"]}

@@ -20,6 +20,7 @@ from pathlib import Path
 import ray
 
 from l2cluster.coordinator import NAME, NAMESPACE, Coordinator
+from l2cluster.spec import DEFAULT_MAX_JOBS
 
 
 class DaemonError(RuntimeError):
@@ -64,19 +65,27 @@ def ensure_auth_token() -> None:
             f.write(secrets.token_hex(32))
 
 
-def start_local_ray(num_cpus: int | None = None) -> None:
-    """A Ray head bound to 127.0.0.1, in this process (ray.shutdown() stops exactly what it started)."""
-    ensure_auth_token()
-    # ray.init() turns a node address of 127.0.0.1 into the machine's outward address, and then Ray's servers
-    # (GCS, raylet, workers) listen on every interface. Ray's single-machine mode (its default on macOS and
-    # Windows) keeps the node on the loopback address, so every server listens on 127.0.0.1 only. The processes
-    # Ray starts read the environment variable; this process's Ray has already read it at import.
+def _stay_on_loopback() -> None:
+    """Keep this process's Ray node, and the processes it starts, on 127.0.0.1.
+
+    ray.init() turns a node address of 127.0.0.1 into the machine's outward address: a head's servers (GCS,
+    raylet, workers) then listen on every interface, and a client of a head on 127.0.0.1 dials the outward
+    address, where nothing listens. Ray's single-machine mode (its default on macOS and Windows) keeps the node
+    on the loopback address. Processes Ray starts read the environment variable; this process's Ray has read it
+    at import already, hence the constant too."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", namespace=NAMESPACE,
-             log_to_driver=False, logging_level="ERROR", configure_logging=False)
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """A Ray head bound to 127.0.0.1, in this process (ray.shutdown() stops exactly what it started)."""
+    ensure_auth_token()
+    _stay_on_loopback()
+    # address="local": always a new cluster of our own; without it ray.init() joins any Ray already running here.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR", configure_logging=False)
 
 
 def connect(address: str | None = None) -> None:
@@ -88,6 +97,9 @@ def connect(address: str | None = None) -> None:
         raise DaemonError("no daemon to talk to: start one with `l2cluster daemon start`, or pass --address "
                           "(or set RAY_ADDRESS) for a daemon on an existing Ray cluster")
     ensure_auth_token()
+    host = address.removeprefix("ray://").rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost") or host.startswith("127."):  # a local daemon's head
+        _stay_on_loopback()
     if "RAY_AUTH_MODE" not in os.environ and not os.environ.get("RAY_AUTH_TOKEN"):
         # A client joining a cluster sends its token only in token mode; Ray does not infer it from the file.
         # Ray reads its config once per process, so refresh it as Ray's own token set-up does.
@@ -112,7 +124,7 @@ def coordinator():
 
 def start_coordinator(store: str | Path, *, plugin_dirs=(), data_dir: str | None = None,
                       idle_release_s: float = 60.0, strategy: str = "STRICT_PACK", detached: bool = True,
-                      checkpoint_dir: str | None = None):
+                      checkpoint_dir: str | None = None, max_jobs: int = DEFAULT_MAX_JOBS):
     """Create the named coordinator (or return the running one) and wait until it answers."""
     # On the head node: the store path is the head's, and the coordinator outlives any worker node.
     head = {"node:__internal_head__": 0.001} if "node:__internal_head__" in ray.cluster_resources() else {}
@@ -120,7 +132,7 @@ def start_coordinator(store: str | Path, *, plugin_dirs=(), data_dir: str | None
         name=NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached" if detached else None,
         resources=head,
     ).remote(str(Path(store).expanduser().resolve()), plugin_dirs=list(plugin_dirs), data_dir=data_dir,
-             idle_release_s=idle_release_s, strategy=strategy,
+             idle_release_s=idle_release_s, strategy=strategy, max_jobs=max_jobs,
              checkpoint_dir=str(Path(checkpoint_dir).expanduser().resolve()) if checkpoint_dir else None)
     ray.get(handle.ping.remote())
     return handle
@@ -128,7 +140,7 @@ def start_coordinator(store: str | Path, *, plugin_dirs=(), data_dir: str | None
 
 def spawn_local_daemon(store: Path, *, plugin_dirs=(), data_dir: str | None, idle_release_s: float,
                        num_cpus: int | None, strategy: str = "STRICT_PACK", checkpoint_dir: str | None = None,
-                       timeout_s: float = 90.0) -> dict:
+                       max_jobs: int = DEFAULT_MAX_JOBS, timeout_s: float = 90.0) -> dict:
     """Start `python -m l2cluster.daemon` in its own session and wait for it to publish its address."""
     if (state := read_state()) and _alive(state["pid"]):
         return state
@@ -136,7 +148,7 @@ def spawn_local_daemon(store: Path, *, plugin_dirs=(), data_dir: str | None, idl
     _state_file().unlink(missing_ok=True)
     ensure_auth_token()
     cmd = [sys.executable, "-m", "l2cluster.daemon", "--store", str(store), "--idle-release-s", str(idle_release_s),
-           "--placement-strategy", strategy]
+           "--placement-strategy", strategy, "--max-jobs", str(max_jobs)]
     cmd += ["--data-dir", data_dir] if data_dir else []
     cmd += ["--num-cpus", str(num_cpus)] if num_cpus else []
     cmd += ["--checkpoint-dir", str(Path(checkpoint_dir).resolve())] if checkpoint_dir else []
@@ -195,6 +207,7 @@ def host_main(argv=None) -> int:
     p.add_argument("--num-cpus", type=int)
     p.add_argument("--placement-strategy", default="STRICT_PACK")
     p.add_argument("--checkpoint-dir")
+    p.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS)
     args = p.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -203,7 +216,7 @@ def host_main(argv=None) -> int:
     try:
         handle = start_coordinator(args.store, plugin_dirs=args.plugin_dir, data_dir=args.data_dir,
                                    idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
-                                   checkpoint_dir=args.checkpoint_dir, detached=False)
+                                   checkpoint_dir=args.checkpoint_dir, max_jobs=args.max_jobs, detached=False)
         state = {"pid": os.getpid(), "address": ray.get_runtime_context().gcs_address, "store": args.store}
         tmp = _state_file().with_suffix(".tmp")
         tmp.write_text(json.dumps(state))

@@ -8,6 +8,7 @@ of the same shape without starting anything new.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -120,11 +121,6 @@ class RankWorker:
             resumed = self._resume(trainer, ckpt, device) if ckpt is not None else 0
             if resumed:
                 log.info("job_resumed", epoch=resumed)
-                if self.rank == 0:
-                    # A rank saves an epoch's checkpoint before it reports the epoch, and a node can die in
-                    # between: report the restored epochs again (the store keeps one row per epoch).
-                    for m in trainer.results[0].epochs:
-                        coordinator.report_epoch.remote(job_id, m["epoch"], m)
 
             def on_epoch(epoch, metrics):
                 if ckpt is not None and epoch < cfg.epochs and metrics[0]:
@@ -146,7 +142,7 @@ class RankWorker:
             (result,) = trainer.fit(on_epoch=on_epoch, should_stop=should_stop)
             final = dict(result.final)
             final["param_sum"] = float(sum(p.detach().double().sum() for p in trainer.params.values()))
-            out = {"outcome": result.outcome, "final": final, "error": result.error,
+            out = {"outcome": result.outcome, "final": final, "error": result.error, "epochs": result.epochs,
                    "diverged_epoch": result.diverged_epoch, "resumed_from_epoch": resumed}
             if ckpt is not None:  # the run is over: its outcome is final, nothing will resume it
                 ckpt.remove()
@@ -177,6 +173,24 @@ class RankWorker:
             dist.destroy_process_group()
 
 
+PG_PREFIX = "l2cluster-gang-"
+
+
+def remove_orphaned_placement_groups() -> int:
+    """Remove the placement groups of gangs a previous coordinator left behind; returns how many.
+
+    A gang's actors die with the coordinator that created them, but its placement group belongs to the Ray job
+    and would keep its CPUs and GPUs reserved for ever. Only a starting coordinator calls this: every gang
+    placement group on the cluster is then an orphan."""
+    removed = 0
+    for info in ray.util.placement_group_table().values():
+        if info.get("name", "").startswith(PG_PREFIX) and info.get("state") != "REMOVED":
+            with contextlib.suppress(Exception):  # removed meanwhile
+                remove_placement_group(ray.util.get_placement_group(info["name"]))
+                removed += 1
+    return removed
+
+
 @dataclass
 class Gang:
     """Driver-side handle of one gang: its placement group, its rank actors, and what it is doing."""
@@ -193,7 +207,8 @@ class Gang:
 
     @classmethod
     def create(cls, shape: GangShape, *, strategy: str, plugin_dirs: list[str]) -> Gang:
-        pg = placement_group(shape.bundles(), strategy=strategy)
+        gang_id = uuid.uuid4().hex[:8]
+        pg = placement_group(shape.bundles(), strategy=strategy, name=f"{PG_PREFIX}{gang_id}")
         threads = max(1, int(shape.cpus_per_worker))
         workers = [
             RankWorker.options(
@@ -202,7 +217,7 @@ class Gang:
             ).remote(rank, shape.num_workers, threads, plugin_dirs)
             for rank in range(shape.num_workers)
         ]
-        return cls(shape, pg, workers)
+        return cls(shape, pg, workers, id=gang_id)
 
     async def form(self, mnist_ref, timeout_s: float) -> None:
         """Wait for the placement group, then start the process group and hand every rank the dataset."""

@@ -9,6 +9,7 @@ and argument; every other plugin still loads.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -136,7 +137,14 @@ def _check_config(name: str, cls: type) -> type[BaseModel]:
         )
     if "name" in config.model_fields:
         raise PluginError(name, "`Config` must not define the field `name`: the registry adds it")
+    return _entry_model(name, cls, config)
+
+
+@functools.cache
+def _entry_model(name: str, cls: type, config: type[BaseModel]) -> type[BaseModel]:
     # The spec's regularizer entries are discriminated by `name`; the plugin's Config gets that field here.
+    # Built once per plugin class and process: reading the field docstrings from the source is the slow part of
+    # loading a registry, and every CLI command loads one.
     return create_model(
         f"{type_name(name)}Config",
         __base__=config,

@@ -13,22 +13,79 @@ import hashlib
 import itertools
 import json
 import math
+import re
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from l2cluster.registry import Registry
 
 DEFAULT_MAX_JOBS = 10_000
 NUM_PIXELS, NUM_CLASSES = 784, 10
+MAX_SEED = 2**63 - 1  # the store keeps seeds in SQLite INTEGER columns (signed 64-bit)
+
+# Experiment names and anything else that becomes a file or directory name: one safe path component.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_COMPONENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_SWEEP_PATH_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
+def safe_component(text: str) -> str:
+    """Return `text` unchanged if it is safe as one file or directory name, else raise ValueError.
+
+    Safe: 1–128 ASCII letters, digits, '.', '_' and '-', not starting with '.' or '-' — so never '', '.', '..',
+    a hidden file, an option-like name, or anything with a separator. Experiment names, experiment ids
+    (name-digest) and job ids (hex) always pass. It never rewrites the text: two different names can never end
+    up in the same directory."""
+    if not isinstance(text, str) or not _COMPONENT_RE.fullmatch(text):
+        raise ValueError(f"{text!r} is not a safe path component: use 1-128 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return text
+
+
+def _check_name(v: str) -> str:
+    if not NAME_RE.fullmatch(v):
+        raise ValueError(f"{v[:80]!r} is not a valid experiment name: use 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit (it becomes part of job ids and directory names)")
+    return v
+
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+def _non_empty(values: list[Any]) -> list[Any]:
+    if not values:
+        raise ValueError("has no values; give at least one or remove this entry")
+    return values
+
+
+GridValues = Annotated[list[Any], AfterValidator(_non_empty)]
+
+
+def _check_sweep_paths(grid: dict[str, Any]) -> dict[str, Any]:
+    for path in grid:
+        if not _SWEEP_PATH_RE.fullmatch(path):
+            raise ValueError(f"{path[:80]!r} is not a dotted path such as optimizer.lr or regularizers.l2.strength "
+                             "(names and list indexes joined by single dots)")
+    return grid
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -51,7 +108,7 @@ class DataConfig(_Strict):
     """Examples held out of the 60k training images for validation (LR decisions, model selection)."""
     train_size: int | None = Field(None, ge=1, le=59999)
     """Use only this many of the remaining training examples (quick runs); default: all of them."""
-    split_seed: int = Field(0, ge=0)
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the validation split: the same for every job of a sweep, so all are judged on the same data."""
 
 
@@ -172,18 +229,18 @@ class Variant(_Strict):
 
     label: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
     """Short name shown in results (e.g. "l2")."""
-    set: dict[str, Any] = {}
+    set: Annotated[dict[str, Any], AfterValidator(_check_sweep_paths)] = {}
     """Dotted path → value, applied to the base spec (e.g. {regularizers: [{name: l2}]})."""
-    grid: dict[str, list[Any]] = {}
+    grid: Annotated[dict[str, GridValues], AfterValidator(_check_sweep_paths)] = {}
     """Dotted path → values; the variant runs every combination (with the sweep's common grid)."""
 
 
 class SweepConfig(_Strict):
     """Which jobs an experiment runs: (union of variants) × (product of grids) × seeds."""
 
-    seeds: list[int] | None = Field(None, min_length=1, max_length=1000)
+    seeds: list[Seed] | None = Field(None, min_length=1, max_length=1000)
     """Seeds to run every configuration with; default: just the spec's `seed`."""
-    grid: dict[str, list[Any]] = {}
+    grid: Annotated[dict[str, GridValues], AfterValidator(_check_sweep_paths)] = {}
     """Dotted path → values, e.g. {"optimizer.lr": [1e-3, 3e-3], "regularizers.l2.strength": [1e-4, 1e-3]}."""
     variants: list[Variant] = []
     """Alternatives to compare (e.g. one per regularizer); empty: the base spec is the only variant."""
@@ -195,24 +252,20 @@ class SweepConfig(_Strict):
             raise ValueError("seeds must be distinct; remove the repeated ones")
         return v
 
-    @field_validator("grid")
+    @field_validator("variants")
     @classmethod
-    def _non_empty(cls, v):
-        for path, values in v.items():
-            if not values:
-                raise ValueError(f"grid entry {path!r} has no values; give at least one or remove it")
+    def _unique_labels(cls, v):
+        labels = [variant.label for variant in v]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"variant labels must be distinct; {repeated} used more than once")
         return v
 
-    @model_validator(mode="after")
-    def _unique_labels(self):
-        labels = [v.label for v in self.variants]
-        if len(set(labels)) != len(labels):
-            raise ValueError("variant labels must be distinct")
-        for v in self.variants:
-            for path, values in v.grid.items():
-                if not values:
-                    raise ValueError(f"variant {v.label!r}: grid entry {path!r} has no values")
-        return self
+
+def _check_seed(v: int) -> int:
+    if not 0 <= v <= MAX_SEED:
+        raise ValueError(f"must be between 0 and {MAX_SEED} (2^63 - 1), got {v}")
+    return v
 
 
 def _check_train_config(cfg):
@@ -263,15 +316,18 @@ def _build_models(union) -> SpecModels:
             "How many times the daemon starts a job before it gives up: a lost rank, node or coordinator sends "
             "the job back to the queue, to resume from its last checkpoint. A failed or diverged run is final."))),
     )
-    validators = {"_cross_field": model_validator(mode="after")(_check_train_config)}
+    validators = {"_cross_field": model_validator(mode="after")(_check_train_config),
+                  "_seed_range": field_validator("seed")(_check_seed)}
     train = create_model(
         "TrainConfig", __config__=ConfigDict(extra="forbid"), __validators__=validators,
         __doc__="Everything one training run needs.", **fields,
     )
     experiment = create_model(
         "ExperimentSpec", __base__=train, __doc__="An l2cluster job spec: a training config, a name and a sweep.",
-        name=(str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                         description="Experiment name (letters, digits, '_', '.', '-'); part of every job id.")),
+        name=(Annotated[str, AfterValidator(_check_name)],
+              Field(description="Experiment name: 1-64 letters, digits, '_', '.', '-', starting with a letter or "
+                                "digit; part of every job id and directory name.",
+                    json_schema_extra={"pattern": f"^{NAME_RE.pattern}$"})),
         description=(str, Field("", max_length=2000, description="Free text shown with results.")),
         sweep=(SweepConfig, Field(default_factory=SweepConfig, description="Grid × seeds to run.")),
     )
@@ -320,8 +376,11 @@ def _loc(loc: Sequence[Any]) -> str:
     return out
 
 
-def _hint(err: dict) -> str:
+def _hint(err: dict, problems: dict[str, str]) -> str:
     kind, msg = err["type"], err["msg"]
+    tag = (err.get("ctx") or {}).get("tag")
+    if kind == "union_tag_invalid" and tag in problems:  # a plugin by that name exists but could not be loaded
+        return f"plugin {tag!r} is {problems[tag]}"
     if kind == "extra_forbidden":
         return "unknown field; remove it or check its spelling"
     if kind == "missing":
@@ -336,8 +395,10 @@ def _hint(err: dict) -> str:
 _STATIC_TAGS = frozenset({"sgd", "adam", "adamw", "constant", "step", "cosine", "plateau"})
 
 
-def issues_from(err: ValidationError, tags: frozenset[str] = _STATIC_TAGS, prefix: str = "") -> list[Issue]:
-    """One Issue per pydantic error, with the path as written in the spec."""
+def issues_from(err: ValidationError, tags: frozenset[str] = _STATIC_TAGS, prefix: str = "",
+                problems: dict[str, str] | None = None) -> list[Issue]:
+    """One Issue per pydantic error, with the path as written in the spec. `problems`: plugin name → why it is
+    not loaded (refused or unavailable), to say so when a spec names it."""
     out = []
     for e in err.errors(include_url=False):
         clean: list[Any] = []
@@ -354,7 +415,7 @@ def issues_from(err: ValidationError, tags: frozenset[str] = _STATIC_TAGS, prefi
             clean.append(part)
         path = _loc(clean)
         sep = "." if prefix and path and not path.startswith("[") else ""
-        out.append(Issue(f"{prefix}{sep}{path}", _hint(e)))
+        out.append(Issue(f"{prefix}{sep}{path}", _hint(e, problems or {})))
     return out
 
 
@@ -362,34 +423,205 @@ def union_tags(registry: Registry) -> frozenset[str]:
     return _STATIC_TAGS | (frozenset(registry.names) if len(registry.names) > 1 else frozenset())
 
 
+def plugin_problems(registry: Registry) -> dict[str, str]:
+    return {p.name: f"{p.status}: {p.reason}" for p in registry.problems}
+
+
 # -- loading ------------------------------------------------------------------------------------------------
+MAX_SPEC_BYTES = 16 << 20  # a 10,000-value grid is well under 1 MiB
+MAX_DEPTH = 32  # sections nest 4 deep; a variant's `set` a few more
+MAX_VALUES = 1_000_000  # YAML aliases can make a small file hold billions of values ("billion laughs")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """yaml.SafeLoader — plain data only, no Python tags — that also refuses a key written twice in one mapping
+    (PyYAML would silently keep the last one)."""
+
+    def compose_node(self, parent, index):
+        # Refuse deep nesting while composing: PyYAML's scanner is quadratic in the nesting depth and its
+        # composer recursive, so a file of 100,000 '[' would otherwise hang, then crash.
+        depth = getattr(self, "_depth", 0)
+        if depth > MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep",
+                                              self.peek_event().start_mark)
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[str, Any] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"found the key {key_node.value!r} twice in one mapping (first on line "
+                        f"{seen[key_node.value].line + 1}); keep one of them", key_node.start_mark)
+                seen[key_node.value] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def _located(construct):
+    """A YAML scalar constructor whose ValueError (a 5000-digit number, !!float fast, a 13th month) is a YAML
+    error with the line and column, like every other mistake in the file."""
+
+    def located(loader, node):
+        try:
+            return construct(loader, node)
+        except ValueError as e:
+            why = "a number over 4300 digits long" if "digits" in str(e) else str(e)
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read {node.value[:40]!r}: {why}",
+                                                    node.start_mark) from None
+
+    return located
+
+
+for _tag in ("int", "float", "timestamp"):
+    _SpecLoader.add_constructor(f"tag:yaml.org,2002:{_tag}",
+                                _located(yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{_tag}"]))
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"found the key {key!r} twice in one object; keep one of them")
+        out[key] = value
+    return out
+
+
 def read_spec_file(path: str | Path) -> dict:
-    """Parse a YAML or JSON spec file into a dict; SpecError (with line and column) when it cannot be read."""
+    """Parse a YAML or JSON spec file into a dict; SpecError (with line and column) when it cannot be read.
+
+    YAML is read with a safe loader: plain data only, never a Python object or tag."""
     path = Path(path)
+    source = str(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
     except OSError as e:
-        raise SpecError(str(path), [Issue("", f"cannot read the file: {e.strerror}")]) from None
+        raise SpecError(source, [Issue("", f"cannot read the file: {e.strerror or e}")]) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(source, [Issue("", f"the file is larger than {MAX_SPEC_BYTES >> 20} MiB; a job spec is a "
+                                           "few lines (sweep over values with `grid`, not by listing jobs)")])
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SpecError(source, [Issue("", f"byte {e.start}: not UTF-8 text; save the spec as UTF-8")]) from None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_json_object)
+        else:
+            data = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader: plain data only
     except json.JSONDecodeError as e:
-        raise SpecError(str(path), [Issue("", f"line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}")]) from None
+        raise SpecError(source, [Issue("", f"line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}")]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(str(path), [Issue("", f"{where}not valid YAML: {problem}")]) from None
+        raise SpecError(source, [Issue("", f"{where}not valid YAML: {problem}")]) from None
+    except RecursionError:  # JSON nested hundreds of levels deep
+        raise SpecError(source, [Issue("", f"nested more than {MAX_DEPTH} levels deep")]) from None
+    except _DuplicateKey as e:
+        raise SpecError(source, [Issue("", f"not valid JSON: {e}")]) from None
+    except ValueError as e:  # json: a number over 4300 digits long
+        why = "it holds a number over 4300 digits long" if "digits" in str(e) else str(e)
+        raise SpecError(source, [Issue("", f"cannot read the file: {why}")]) from None
     if not isinstance(data, dict):
-        raise SpecError(str(path), [Issue("", "the file must hold a mapping (name:, optimizer:, …) at the top")])
+        raise SpecError(source, [Issue("", "the file must hold a mapping (name:, optimizer:, …) at the top")])
+    issues = structure_issues(data)
+    if issues:
+        raise SpecError(source, issues)
     return data
+
+
+def _kind(value: Any) -> str:
+    kinds = {set: "a set (YAML !!set)", frozenset: "a set", tuple: "pairs (YAML !!omap or !!pairs)",
+             bytes: "binary data (YAML !!binary)", bytearray: "binary data", bool: "true/false", int: "a number",
+             float: "a number", type(None): "null", list: "a list", dict: "a mapping"}
+    if type(value) in kinds:
+        return kinds[type(value)]
+    if hasattr(value, "isoformat"):
+        return "a date or time (quote it to make it text)"
+    return f"a {type(value).__name__}"
+
+
+def structure_issues(data: Any, *, max_issues: int = 20) -> list[Issue]:
+    """What keeps `data` from being plain spec data: mappings with text keys, lists, text, numbers, true/false
+    and null, at most MAX_DEPTH levels deep and MAX_VALUES values in all. Checked before anything reads it."""
+    issues: list[Issue] = []
+    stack: list[tuple[str, Any, int]] = [("", data, 0)]
+    seen = 0
+    while stack and len(issues) < max_issues:
+        path, value, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            return [Issue("", f"the spec holds more than {MAX_VALUES:,} values (YAML aliases can multiply them); "
+                              "a job spec is small: sweep with `grid` instead")]
+        if value is None or isinstance(value, (str, bool, int, float)):
+            continue
+        if not isinstance(value, (dict, list)):
+            issues.append(Issue(path, f"{_kind(value)} is not allowed in a job spec; use text, numbers, true/false, "
+                                      "null, lists and mappings"))
+            continue
+        if depth >= MAX_DEPTH:
+            issues.append(Issue(path, f"nested more than {MAX_DEPTH} levels deep"))
+            continue
+        if isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v, depth + 1) for i, v in reversed(list(enumerate(value))))
+            continue
+        for key, v in reversed(list(value.items())):
+            if not isinstance(key, str):
+                issues.append(Issue(path, f"the key {reprlib.repr(key)} is {_kind(key)}, not a field name; field "
+                                          "names are text (quote it or remove it)"))
+                continue
+            stack.append((f"{path}.{key}" if path else key, v, depth + 1))
+    return issues
 
 
 def parse_spec(data: dict, registry: Registry, source: str = "<spec>"):
     """Validate a spec dict into an ExperimentSpec; raises SpecError naming every bad field."""
+    if not isinstance(data, dict):
+        raise SpecError(source, [Issue("", f"a job spec is a mapping (name:, optimizer:, …), not {_kind(data)}")])
+    issues = structure_issues(data)
+    if issues:
+        raise SpecError(source, issues)
     try:
-        return spec_models(registry).experiment.model_validate(data)
+        spec = spec_models(registry).experiment.model_validate(data)
     except ValidationError as e:
-        raise SpecError(source, issues_from(e, union_tags(registry))) from None
+        raise SpecError(source, issues_from(e, union_tags(registry), problems=plugin_problems(registry))) from None
+    issues = bools_as_numbers(spec, data)
+    if issues:
+        raise SpecError(source, issues)
+    return spec
+
+
+def bools_as_numbers(model: BaseModel, data: Any, path: str = "") -> list[Issue]:
+    """Numeric fields that were given true/false. pydantic reads them as 1/0, so `epochs: yes` would silently
+    train one epoch; a spec that writes a boolean where a number belongs has a mistake in it."""
+    issues: list[Issue] = []
+    if not isinstance(data, dict):
+        return issues
+    for name in type(model).model_fields:
+        if name in data:
+            issues += _bools_in(getattr(model, name), data[name], f"{path}.{name}" if path else name)
+    return issues
+
+
+def _bools_in(value: Any, raw: Any, path: str) -> list[Issue]:
+    if isinstance(raw, bool) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [Issue(path, f"expected a number, got {str(raw).lower()}")]
+    if isinstance(value, BaseModel):
+        return bools_as_numbers(value, raw, path)
+    if isinstance(value, (list, tuple)) and isinstance(raw, list) and len(raw) == len(value):
+        return [i for k, (v, r) in enumerate(zip(value, raw)) for i in _bools_in(v, r, f"{path}[{k}]")]
+    return []
 
 
 def load_spec(path: str | Path, registry: Registry):
@@ -428,6 +660,10 @@ class PathError(ValueError):
     pass
 
 
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 60, 60, 6, 6, 3
+
+
 def set_path(cfg: dict, path: str, value: Any) -> None:
     """Set a dotted path in a resolved config dict. List items are addressed by index or, for regularizers,
     by plugin name (`regularizers.l2.strength`)."""
@@ -441,7 +677,7 @@ def set_path(cfg: dict, path: str, value: Any) -> None:
         last = i == len(parts) - 1
         where = ".".join(parts[:i]) or "the spec"
         if isinstance(node, list):
-            if part.isdigit():
+            if part.isascii() and part.isdigit():
                 idx = int(part)
                 if idx >= len(node):
                     raise PathError(f"{where} has {len(node)} entries; index {idx} is out of range")
@@ -515,11 +751,13 @@ def expand(spec, registry: Registry, *, max_jobs: int = DEFAULT_MAX_JOBS) -> lis
                 cfg["seed"] = seed
                 try:
                     config = train_model.model_validate(cfg)
+                    issues = bools_as_numbers(config, cfg)
                 except ValidationError as e:
-                    setting = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "no grid values"
-                    issues = [Issue(i.path, f"{i.message} (in {where} with {setting})")
-                              for i in issues_from(e, union_tags(registry))]
-                    raise SpecError(spec.name, issues) from None
+                    issues = issues_from(e, union_tags(registry), problems=plugin_problems(registry))
+                if issues:
+                    setting = ", ".join(f"{k}={_short.repr(v)}" for k, v in overrides.items()) or "no grid values"
+                    raise SpecError(spec.name, [Issue(i.path, f"{i.message} (in {where} with {setting})")
+                                                for i in issues])
                 job_id = _digest({"experiment": spec.name,
                                   "config": config.model_dump(mode="json", exclude=NOT_IN_JOB_ID)})
                 if job_id in seen:

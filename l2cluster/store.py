@@ -207,9 +207,11 @@ class Store:
             db.execute("UPDATE jobs SET epoch = ? WHERE id = ?", (epoch, job_id))
 
     def finish(self, job_id: str, outcome: str, final: dict, *, error: str | None = None,
-               diverged_epoch: int | None = None, detail: str | None = None) -> None:
+               diverged_epoch: int | None = None, detail: str | None = None, epochs: list[dict] | None = None,
+               attempt: int | None = None) -> None:
         """Record a job's final result and move it to its terminal state, in one transaction: a result is never
-        recorded twice, and a job is never terminal without its result."""
+        recorded twice, and a job is never terminal without its result. `epochs`, the run's whole per-epoch
+        history, replaces what was reported along the way (a report can be lost with a coordinator)."""
         state = JobState(outcome)
         if not state.is_terminal:
             raise ValueError(f"finish() needs a terminal outcome, got {outcome!r}")
@@ -218,6 +220,9 @@ class Store:
                 raise ValueError(f"job {job_id}: a result is already recorded")
             db.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?)",
                        (job_id, state.value, json.dumps(final, sort_keys=True), diverged_epoch, error))
+            for m in epochs or []:
+                db.execute("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?)",
+                           (job_id, m["epoch"], attempt or 0, json.dumps(m, sort_keys=True)))
             self._transition(db, job_id, state, error or detail, {"error": error})
 
     # -- reads ----------------------------------------------------------------------------------------------
@@ -266,6 +271,35 @@ class Store:
     def events(self, job_id: str) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM events WHERE job_id = ? ORDER BY rowid", (job_id,)).fetchall()
 
+    @classmethod
+    def open_read_only(cls, path: str | Path, *, timeout: float = 10.0) -> Store:
+        """An existing store opened for reading only (`results --store`, `report --store`): it never creates,
+        migrates or writes the file, and may run beside the daemon that writes it (WAL lets readers in)."""
+        store = cls.__new__(cls)
+        store.path = Path(path).expanduser()
+        if not store.path.is_file():
+            raise StoreError(f"{store.path}: no such store file; pass the path the daemon writes (`l2cluster "
+                             "daemon status` prints it)")
+        try:
+            store._db = sqlite3.connect(f"{store.path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
+            store._db.row_factory = sqlite3.Row
+            row = store._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{store.path}: not a readable l2cluster store ({e})") from None
+        if row is None or int(row[0]) > SCHEMA_VERSION:
+            raise StoreError(f"{store.path}: store schema {row[0] if row else 'missing'} is not one this l2cluster "
+                             f"reads (≤ {SCHEMA_VERSION}); upgrade l2cluster")
+        return store
+
 
 def _statements() -> list[str]:
     return [s.strip() for s in _SCHEMA.split(";") if s.strip()]
+
+
+def job_dict(row: sqlite3.Row) -> dict:
+    """A row of the jobs table as the plain dict the CLI shows (`status`, `results --jobs`)."""
+    return {"job": row["id"], "experiment": row["experiment_id"], "label": row["label"],
+            "overrides": json.loads(row["overrides_json"]), "seed": row["seed"], "state": row["state"],
+            "epoch": row["epoch"], "attempts": row["attempts"], "node": row["node"], "error": row["error"],
+            "priority": row["priority"], "submitted_at": row["submitted_at"], "started_at": row["started_at"],
+            "finished_at": row["finished_at"]}

@@ -157,6 +157,7 @@ class Trainer:
         self._sums = torch.zeros(4, K, dtype=torch.float64, device=self.device)
         self._counters = {k: torch.zeros(K, dtype=torch.float64, device=self.device) for k in ("clipped", "skipped")}
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._probe: _NonFiniteProbe | None = None  # set only while an epoch is replayed to blame a plugin
         self.graph_error: str | None = None
         self._graph_idx: torch.Tensor | None = None
         self._eager_steps_before_capture = 3
@@ -192,6 +193,10 @@ class Trainer:
             if not isinstance(out, torch.Tensor) or out.shape != x.shape:
                 raise HookError(info.name, "on_activation",
                                 f"returned {_describe(out)}; expected a tensor of shape {tuple(x.shape)}")
+            self._check_kind(info, "on_activation", out)
+            if self._probe is not None:
+                self._probe.saw(_finite(x) & _nan(out), info.name, "on_activation:returned NaN activations from "
+                                                                   "finite inputs")
             x = out
         return x
 
@@ -202,8 +207,17 @@ class Trainer:
             if not isinstance(out, torch.Tensor) or out.shape != (self.K,):
                 raise HookError(info.name, "penalty",
                                 f"returned {_describe(out)}; expected a tensor of shape ({self.K},), one per model")
+            self._check_kind(info, "penalty", out)
+            if self._probe is not None:
+                self._probe.saw(_all_finite(self.params.values()) & _nan(out), info.name,
+                                "penalty:returned NaN from finite parameters")
             total = out if total is None else total + out
         return total
+
+    def _check_kind(self, info: PluginInfo, hook: str, out: torch.Tensor) -> None:
+        if not out.is_floating_point() or out.device.type != self.device.type:
+            raise HookError(info.name, hook, f"returned a {out.dtype} tensor on {out.device}; expected a "
+                                             f"floating-point tensor on {self.device.type}")
 
     # -- the loop -------------------------------------------------------------------------------------------
     def fit(
@@ -240,6 +254,9 @@ class Trainer:
             t0 = time.perf_counter()
             steps_before = self.step_count
             self.model.train()
+            # Where the epoch starts, so that a non-finite loss can be traced to the plugin that caused it by
+            # replaying the epoch (a copy of parameters and optimizer state: milliseconds per epoch).
+            epoch_start = self._capture() if self.plugins else None
             order = torch.stack([torch.randperm(n, generator=g) for g in self.order_gens]).to(dev)
             lr = float(self.optimizer.param_groups[0]["lr"])
             lr_k = self._lr_k.fill_(lr)
@@ -270,6 +287,11 @@ class Trainer:
             epoch_s = time.perf_counter() - t0
             sums_cpu, counts = sums.cpu(), {k: v.cpu() for k, v in counters.items()}
             wnorm = self.weight_norms().cpu()
+            nonfinite = [k for k in range(K) if alive[k] and not (
+                math.isfinite(float(sums_cpu[2, k])) and math.isfinite(float(val_loss[k])))]
+            blamed = {}
+            if nonfinite and epoch_start is not None:
+                blamed = self._blame(epoch, order, epoch_start, self.step_count - steps_before, nonfinite)
             epoch_metrics: list[dict] = []
             for k in range(K):
                 if not alive[k]:
@@ -290,8 +312,10 @@ class Trainer:
                     "epoch_s": epoch_s,
                 }
                 results[k].epochs.append(m)
-                finite = math.isfinite(float(sums_cpu[2, k])) and math.isfinite(m["val_loss"])
-                if not finite:
+                if k in blamed:  # a plugin made the numbers non-finite: its error, not a divergence
+                    alive[k] = False
+                    results[k].outcome, results[k].error = "failed", blamed[k]
+                elif k in nonfinite:
                     alive[k] = False
                     results[k].outcome, results[k].diverged_epoch = "diverged", epoch
                     results[k].error = f"loss became non-finite in epoch {epoch}"
@@ -346,7 +370,11 @@ class Trainer:
         if len(state["results"]) != self.K:
             raise ValueError(f"checkpoint holds {len(state['results'])} models, this trainer {self.K}")
         self.model.load_state_dict(state["model"])
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            if isinstance(lr, torch.Tensor):  # capturable: the CUDA graph reads this device tensor; refill it
+                group["lr"] = lr.copy_(torch.as_tensor(group["lr"]))
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         for g, s in zip(self.order_gens, state["order_rng"]):
@@ -356,6 +384,61 @@ class Trainer:
         self.alive = state["alive"].clone()
         self.best = [tuple(b) for b in state["best"]]
         self.results = [RunResult(**r) for r in state["results"]]
+
+    # -- blaming a plugin for non-finite numbers -------------------------------------------------------------
+    def _capture(self) -> dict:
+        """Copies of what one epoch's steps change: parameters, optimizer state, dropout streams, step count."""
+        return {
+            "params": [p.detach().clone() for p in self.params.values()],
+            "optimizer": [{k: v.clone() if isinstance(v, torch.Tensor) else v
+                           for k, v in self.optimizer.state.get(p, {}).items()} for p in self.params.values()],
+            "dropout_rng": self.rng.state(),
+            "step_count": self.step_count,
+        }
+
+    def _restore_capture(self, saved: dict) -> None:
+        # In place: a captured CUDA graph keeps reading the same tensors.
+        for p, value, state in zip(self.params.values(), saved["params"], saved["optimizer"]):
+            p.detach().copy_(value)
+            current = self.optimizer.state.get(p, {})
+            for key, v in current.items():
+                if key in state:
+                    if isinstance(v, torch.Tensor):
+                        v.copy_(state[key])
+                    else:
+                        current[key] = state[key]
+                elif isinstance(v, torch.Tensor):  # not there yet at the capture: zero is a fresh state
+                    v.zero_()
+        self.rng.set_state(saved["dropout_rng"])
+        self.step_count = saved["step_count"]
+
+    def _blame(self, epoch: int, order: torch.Tensor, epoch_start: dict, steps: int,
+               models: list[int]) -> dict[int, str]:
+        """The loss of `models` became non-finite in this epoch: replay the epoch's `steps` from its start, checking
+        after every hook, and return {model: error} for those whose numbers a plugin hook made non-finite from
+        finite ones. Models whose own numbers overflowed (a real divergence) are not in the result; neither are
+        those the replay does not reproduce. Costs at most one more epoch, and only when something diverged."""
+        batch = self.cfg.data.batch_size
+        now = self._capture()
+        probe = self._probe = _NonFiniteProbe(self.K, self.device)
+        sums = torch.zeros_like(self._sums)
+        counters = {k: torch.zeros_like(v) for k, v in self._counters.items()}
+        lr_k = self._lr_k
+        try:
+            self._restore_capture(epoch_start)
+            for s in range(steps):
+                global_idx = order[:, s * batch:(s + 1) * batch]
+                idx = global_idx[:, self.rank::self.world] if self.world > 1 else global_idx
+                probe.start_step(s)
+                self._step(self.train_x[idx], self.train_y[idx], global_idx.shape[1], epoch, lr_k, sums, counters)
+                if self.distributed:  # every rank must replay the same steps; the earliest event wins
+                    dist.all_reduce(probe.first, op=dist.ReduceOp.MIN)
+                if bool((probe.first[models] < _NO_EVENT).all()):
+                    break
+        finally:
+            self._probe = None
+            self._restore_capture(now)
+        return probe.errors(models, epoch)
 
     # -- CUDA graphs ----------------------------------------------------------------------------------------
     def _graphs_possible(self) -> bool:
@@ -407,6 +490,9 @@ class Trainer:
         # Sum over this rank's shard / global batch size: summed over ranks this is the global-batch mean,
         # exact even when the last batch does not split evenly.
         loss = ce.sum(1) / global_batch
+        probe = self._probe
+        if probe is not None:
+            probe.saw(~_finite(loss), None, "forward")  # the model's own numbers overflowed: a divergence
         penalty = self._penalty(epoch)
         if penalty is not None:
             loss = loss + penalty / self.world  # the ranks' all-reduce sums it back to one penalty
@@ -420,7 +506,12 @@ class Trainer:
                 torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]), dim=0)
             skip = None
             for info, hp in self._with["on_gradients"]:
+                ok = (_all_finite(grads), _all_finite(self.params.values())) if probe is not None else None
                 out = self._call(info, "on_gradients", params=self.params, hp=hp, epoch=epoch, step=self.step_count)
+                if probe is not None:
+                    probe.saw(ok[0] & _any_nan(grads), info.name, "on_gradients:made the gradients NaN")
+                    probe.saw(ok[1] & _any_nan(self.params.values()), info.name,
+                              "on_gradients:made the parameters NaN")
                 for key, value in (out or {}).items():
                     if not isinstance(value, torch.Tensor) or value.shape != (K,):
                         raise HookError(info.name, "on_gradients",
@@ -440,11 +531,20 @@ class Trainer:
                 if bool(skip.any()):
                     snapshot = self._snapshot(skip)
             for info, hp in self._with["before_step"]:
+                ok = _all_finite(self.params.values()) if probe is not None else None
                 self._call(info, "before_step", params=self.params, hp=hp, lr=lr_k, epoch=epoch, step=self.step_count)
+                if probe is not None:
+                    probe.saw(ok & _any_nan(self.params.values()), info.name, "before_step:made the parameters NaN")
         self.optimizer.step()
         with torch.no_grad():
+            if probe is not None:  # non-finite gradients or an overflow in the update: a divergence
+                stepped = ~skip if skip is not None else torch.ones(K, dtype=torch.bool, device=self.device)
+                probe.saw(stepped & ~_all_finite(self.params.values()), None, "optimizer step")
             for info, hp in self._with["after_step"]:
+                ok = stepped & _all_finite(self.params.values()) if probe is not None else None
                 self._call(info, "after_step", params=self.params, hp=hp, lr=lr_k, epoch=epoch, step=self.step_count)
+                if probe is not None:
+                    probe.saw(ok & _any_nan(self.params.values()), info.name, "after_step:made the parameters NaN")
             if snapshot is not None:
                 self._restore(skip, snapshot)
             self._after_step_bookkeeping(sums, ce, logits, y, loss, gnorm)
@@ -534,6 +634,66 @@ class Trainer:
     def weight_norms(self) -> torch.Tensor:
         """‖θ_k‖₂ over all parameters of each model: [K]."""
         return torch.stack([p.detach().flatten(1).pow(2).sum(1) for p in self.params.values()]).sum(0).sqrt()
+
+
+_NO_EVENT = 2**62
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """Per model: is every value of this stacked tensor [K, …] finite? Shape [K]."""
+    t = t.detach()
+    return torch.isfinite(t).flatten(1).all(1) if t.dim() > 1 else torch.isfinite(t)
+
+
+def _nan(t: torch.Tensor) -> torch.Tensor:
+    """Per model: does this stacked tensor [K, …] hold a NaN? Shape [K]."""
+    t = t.detach()
+    return torch.isnan(t).flatten(1).any(1) if t.dim() > 1 else torch.isnan(t)
+
+
+def _all_finite(tensors) -> torch.Tensor:
+    return torch.stack([_finite(t) for t in tensors]).all(0)
+
+
+def _any_nan(tensors) -> torch.Tensor:
+    return torch.stack([_nan(t) for t in tensors]).any(0)
+
+
+class _NonFiniteProbe:
+    """Records, per model, the first point of a replayed epoch where numbers became non-finite: which plugin hook
+    made them so, or None where the model's own forward pass or optimizer step did (a real divergence)."""
+
+    def __init__(self, K: int, device: torch.device):
+        self.first = torch.full((K,), _NO_EVENT, dtype=torch.long, device=device)
+        self.labels: dict[int, tuple[str | None, str]] = {}
+        self.step = self.pos = 0
+
+    def start_step(self, step: int) -> None:
+        self.step, self.pos = step, 0
+
+    def saw(self, bad: torch.Tensor, plugin: str | None, what: str) -> None:
+        # Events are numbered in the order a step runs them, the same on every step and every DDP rank.
+        code = self.step * _EVENTS_PER_STEP + self.pos
+        self.labels[self.pos] = (plugin, what)
+        self.pos += 1
+        self.first[bad & (self.first == _NO_EVENT)] = code
+
+    def errors(self, models: list[int], epoch: int) -> dict[int, str]:
+        out = {}
+        first = self.first.cpu()
+        for k in models:
+            code = int(first[k])
+            if code == _NO_EVENT:
+                continue
+            plugin, what = self.labels[code % _EVENTS_PER_STEP]
+            if plugin is not None:
+                hook, made = what.split(":")
+                out[k] = str(HookError(plugin, hook, f"{made} in epoch {epoch}, step "
+                                                     f"{code // _EVENTS_PER_STEP + 1} of the epoch"))
+        return out
+
+
+_EVENTS_PER_STEP = 100_000
 
 
 def _describe(value) -> str:

@@ -143,6 +143,10 @@ def test_a_killed_coordinator_is_restarted_and_loses_nothing(cluster):
     for j in jobs:
         terminal = [e for e in store.events(j["job"]) if e["new_state"] in TERMINAL]
         assert len(terminal) == 1, f"{j['job']} finished {len(terminal)} times"
+    # The dead gangs' placement groups were released: only the live gangs hold resources.
+    held = [pg for pg in ray.util.placement_group_table().values()
+            if pg["name"].startswith("l2cluster-gang-") and pg["state"] != "REMOVED"]
+    assert len(held) == len(call(cluster["handle"], "gangs_info"))
     by_seed = {t["seed"]: t["job"] for t in twins}
     for j in jobs:
         assert outcome(store, j["job"]) == outcome(store, by_seed[j["seed"]]), j

@@ -96,3 +96,23 @@ def test_a_hook_that_cannot_be_captured_falls_back_to_eager_steps():
     eager = Trainer([cfg], splits, reg, device="cuda", cuda_graphs=False)
     (re,) = eager.fit()
     assert r.final["val_loss"] == pytest.approx(re.final["val_loss"], rel=1e-4)
+
+
+def test_a_cuda_graph_run_resumed_from_a_checkpoint_ends_as_an_uninterrupted_one(tmp_path):
+    """What the daemon does after a lost rank, on the GPU: the state saved after epoch 1 (graphs, dropout streams
+    advanced by replays) is loaded by a new trainer, which captures its own graph and finishes identically."""
+    from l2cluster.checkpoint import JobCheckpoints
+
+    splits = synthetic_splits(n_train=64 * 20 + 17)
+    full = Trainer([config(**GRAPHABLE)], splits, registry(), device="cuda")
+    (rf,) = full.fit()
+    ckpt = JobCheckpoints(tmp_path, "0123456789abcdef", rank=0)
+    first = Trainer([config(**GRAPHABLE)], splits, registry(), device="cuda")
+    first.fit(on_epoch=lambda epoch, m: ckpt.save(epoch, first.state_dict()) if epoch == 1 else None)
+    resumed = Trainer([config(**GRAPHABLE)], splits, registry(), device="cuda")
+    resumed.load_state_dict(ckpt.load(1))
+    (rr,) = resumed.fit()
+    assert full.graphs and resumed.graphs and resumed._graph is not None, resumed.graph_error
+    for name, p in params_of(full).items():
+        assert torch.equal(p, params_of(resumed)[name]), name
+    assert rr.final["val_loss"] == rf.final["val_loss"] and rr.final["test_acc"] == rf.final["test_acc"]

@@ -143,3 +143,16 @@ def test_a_schema_1_store_is_upgraded_in_place(tmp_path):
     store = Store(path)
     assert len(store.jobs("s-1")) == 4
     assert store._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+
+
+def test_the_final_result_carries_the_whole_epoch_history(tmp_path):
+    """Epoch reports can be lost with a coordinator; the history written with the result fills the gaps."""
+    store = Store(tmp_path / "s.db")
+    (job, *_) = _jobs()
+    store.add_experiment("s-1", "s", {}, _jobs())
+    store.transition(job.id, JobState.PLACING)
+    store.transition(job.id, JobState.RUNNING)
+    store.record_epoch(job.id, 2, {"epoch": 2, "val_acc": 0.5})  # epoch 1's report never arrived
+    history = [{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.5}, {"epoch": 3, "val_acc": 0.6}]
+    store.finish(job.id, "succeeded", {"val_acc": 0.6}, epochs=history, attempt=2)
+    assert store.epochs(job.id) == history
