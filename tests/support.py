@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -39,3 +40,19 @@ def synthetic_splits(n_train=320, n_val=64, n_test=64, seed=0) -> Splits:
 def params_of(trainer, k=None):
     """The trained parameters (model k's slice if k is given), detached copies by name."""
     return {n: (p.detach()[k] if k is not None else p.detach()).clone() for n, p in trainer.params.items()}
+
+
+@contextlib.contextmanager
+def local_daemon(store, *, num_cpus: int, **options):
+    """A new local Ray (127.0.0.1) with a coordinator on `store`, shut down on exit: {"store", "handle"}."""
+    import ray
+
+    from l2cluster.daemon import start_coordinator, start_local_ray
+
+    start_local_ray(num_cpus=num_cpus)
+    handle = start_coordinator(store, idle_release_s=300, detached=False, **options)
+    try:
+        yield {"store": store, "handle": handle}
+    finally:
+        ray.get(handle.shutdown.remote(), timeout=30)
+        ray.shutdown()

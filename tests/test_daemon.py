@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from support import local_daemon
 
 from l2cluster.cli import main
-from l2cluster.daemon import start_coordinator, start_local_ray
 from l2cluster.store import Store
 
 TINY = {"model": {"hidden_sizes": [16]}, "data": {"batch_size": 50, "val_size": 100},
@@ -27,12 +27,8 @@ TINY = {"model": {"hidden_sizes": [16]}, "data": {"batch_size": 50, "val_size": 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_mnist_dir):
     """A local Ray with 4 logical CPUs and a coordinator on a fresh store."""
-    store = tmp_path_factory.mktemp("daemon") / "store.db"
-    start_local_ray(num_cpus=4)
-    handle = start_coordinator(store, data_dir=str(tiny_mnist_dir), idle_release_s=300, detached=False)
-    yield {"store": store, "handle": handle}
-    ray.get(handle.shutdown.remote(), timeout=30)
-    ray.shutdown()
+    with local_daemon(tmp_path_factory.mktemp("daemon") / "store.db", num_cpus=4, data_dir=str(tiny_mnist_dir)) as c:
+        yield c
 
 
 def write_spec(tmp_path, name, **fields):

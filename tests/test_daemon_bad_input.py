@@ -11,9 +11,9 @@ import ray
 import yaml
 from hypothesis import HealthCheck, given, settings
 from spec_fuzz import broken_data_specs, names_field
+from support import local_daemon
 
 from l2cluster.cli import main
-from l2cluster.daemon import start_coordinator, start_local_ray
 from l2cluster.spec import SpecError
 from l2cluster.store import Store
 
@@ -117,13 +117,9 @@ def cluster(tmp_path_factory, tiny_mnist_dir):
     plugin_dir = tmp_path_factory.mktemp("plugins")
     for name, code in PLUGINS.items():
         (plugin_dir / name).write_text(textwrap.dedent(code))
-    store = tmp_path_factory.mktemp("daemon") / "store.db"
-    start_local_ray(num_cpus=2)
-    handle = start_coordinator(store, plugin_dirs=[str(plugin_dir)], data_dir=str(tiny_mnist_dir),
-                               idle_release_s=300, max_jobs=MAX_JOBS, detached=False)
-    yield {"store": store, "handle": handle}
-    ray.get(handle.shutdown.remote(), timeout=30)
-    ray.shutdown()
+    with local_daemon(tmp_path_factory.mktemp("daemon") / "store.db", num_cpus=2, plugin_dirs=[str(plugin_dir)],
+                      data_dir=str(tiny_mnist_dir), max_jobs=MAX_JOBS) as c:
+        yield c
 
 
 def write_spec(tmp_path, name, **fields):

@@ -12,8 +12,8 @@ import time
 import pytest
 import ray
 from ray.exceptions import RayActorError
+from support import local_daemon
 
-from l2cluster.daemon import start_coordinator, start_local_ray
 from l2cluster.store import Store
 
 pytestmark = pytest.mark.slow
@@ -28,12 +28,8 @@ TIMINGS = {"train_s", "epoch_s"}
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, mnist_dir):
-    store = tmp_path_factory.mktemp("ft") / "store.db"
-    start_local_ray(num_cpus=4)
-    handle = start_coordinator(store, data_dir=str(mnist_dir), idle_release_s=300, detached=False)
-    yield {"store": store, "handle": handle}
-    ray.get(handle.shutdown.remote(), timeout=30)
-    ray.shutdown()
+    with local_daemon(tmp_path_factory.mktemp("ft") / "store.db", num_cpus=4, data_dir=str(mnist_dir)) as c:
+        yield c
 
 
 def call(handle, method, *args, timeout=120.0):
