@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 
 import torch
 
@@ -56,3 +57,14 @@ def local_daemon(store, *, num_cpus: int, **options):
     finally:
         ray.get(handle.shutdown.remote(), timeout=30)
         ray.shutdown()
+
+
+def wait_for(predicate, what: str = "a condition", timeout_s: float = 60.0, every_s: float = 0.1, show=lambda: ""):
+    """Poll `predicate` until it returns something truthy (returned); AssertionError naming `what` on timeout."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{show()}")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import wait_for
 
 from l2cluster.store import Store
 
@@ -201,16 +202,6 @@ def alive_nodes(cluster) -> dict[str, dict]:
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def wait_for(predicate, what: str, timeout_s: float, every_s: float = 0.2, show=lambda: ""):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{show()}")
 
 
 def job_table(store: Store, experiment: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from support import local_daemon
+from support import local_daemon, wait_for
 
 from l2cluster.cli import main
 from l2cluster.store import Store
@@ -41,16 +41,6 @@ def submit(spec, *extra, capsys):
     code = main(["submit", spec, *extra])
     out = capsys.readouterr().out
     return code, out
-
-
-def wait_for(predicate, timeout=60.0, every=0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
 
 
 def jobs_of(cluster, experiment):
@@ -121,10 +111,10 @@ def test_cancel_frees_the_gang_and_priority_overtakes_the_queue(cluster, tmp_pat
     t_cancel = time.time()
     assert main(["cancel", long_job["job"]]) == 0
     capsys.readouterr()
-    wait_for(lambda: jobs_of(cluster, long_exp)[0]["state"] == "cancelled", timeout=20)
+    wait_for(lambda: jobs_of(cluster, long_exp)[0]["state"] == "cancelled", timeout_s=20)
     assert time.time() - t_cancel < 10
     wait_for(lambda: all(j["state"] == "succeeded" for j in jobs_of(cluster, low) + jobs_of(cluster, high)),
-             timeout=120)
+             timeout_s=120)
     started = sorted((j["started_at"], j["experiment"]) for j in jobs_of(cluster, low) + jobs_of(cluster, high))
     assert started[0][1] == high  # submitted last, ran first
     assert jobs_of(cluster, long_exp)[0]["epoch"] < 500

@@ -12,7 +12,7 @@ import time
 import pytest
 import ray
 from ray.exceptions import RayActorError
-from support import local_daemon
+from support import local_daemon, wait_for
 
 from l2cluster.store import Store
 
@@ -48,14 +48,8 @@ def submit(cluster, name, **fields):
     return call(cluster["handle"], "submit", {"name": name, **JOB, **fields})["experiment"]
 
 
-def wait_until(predicate, timeout=240.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
+def wait_until(predicate):
+    return wait_for(predicate, timeout_s=240.0)
 
 
 def finished(cluster, experiment):
