@@ -104,7 +104,9 @@ def cmd_train(args) -> int:
 
     from l2cluster.data import load_mnist, split_mnist
     from l2cluster.log import configure_logging, get_logger
-    from l2cluster.trainer import Trainer, resolve_device
+    from l2cluster.packing import group_into_packs, max_members, pack_id, pack_key
+    from l2cluster.runner import Member, run_pack
+    from l2cluster.trainer import resolve_device
 
     configure_logging()
     registry = _registry(args)
@@ -114,36 +116,55 @@ def cmd_train(args) -> int:
     mnist = load_mnist(args.data_dir, download=not args.no_download)
     splits_cache: dict[tuple, object] = {}
     log = get_logger(experiment=spec.name)
-    log.info("experiment_started", jobs=len(jobs), torch_threads=torch.get_num_threads())
-    rows, t0 = [], time.perf_counter()
-    for n, job in enumerate(jobs, 1):
-        d = job.config.data
+    configs = {job.id: job.config.model_dump(mode="json") for job in jobs}
+
+    def device_of(job):
+        return resolve_device(job.config.scaling.use_gpu) if args.device == "auto" else torch.device(args.device)
+
+    def limit_of(job) -> int:
+        device = device_of(job)
+        gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        return max_members(configs[job.id], gpu_bytes=gpu_bytes, cap=args.max_pack)
+
+    # The daemon's packing rule, so that `train` trains the same packs a gang would.
+    limit = min((limit_of(j) for j in jobs), default=1)
+    packs = group_into_packs(jobs, limit, lambda j: pack_key(configs[j.id]))
+    log.info("experiment_started", jobs=len(jobs), packs=len(packs), torch_threads=torch.get_num_threads())
+    rows, t0 = {}, time.perf_counter()
+    for n, pack in enumerate(packs, 1):
+        d = pack[0].config.data
         key = (d.val_size, d.split_seed, d.train_size)
         if key not in splits_cache:
             splits_cache[key] = split_mnist(mnist, val_size=d.val_size, seed=d.split_seed, train_size=d.train_size)
-        jlog = log.bind(job_id=job.id, job=f"{n}/{len(jobs)}")
+        pid = pack_id([j.id for j in pack])
+        plog = log.bind(pack=pid[:8], members=len(pack), n=f"{n}/{len(packs)}")
+        by_id = {j.id: j for j in pack}
+
+        def on_epoch(job_id, epoch, m, plog=plog):
+            plog.info("epoch_done", job_id=job_id, epoch=epoch, **{k: _round(v) for k, v in m.items() if k != "epoch"})
+
+        def on_result(job_id, result, plog=plog):
+            event = plog.info if result["outcome"] == "succeeded" else plog.warning
+            event("job_finished", job_id=job_id, outcome=result["outcome"], error=result["error"],
+                  **{k: _round(v) for k, v in result["final"].items()})
+
         try:
-            device = resolve_device(job.config.scaling.use_gpu) if args.device == "auto" else torch.device(args.device)
-            trainer = Trainer([job.config], splits_cache[key], registry, device=device)
-            jlog.info("job_started", label=job.label, seed=job.seed, overrides=job.overrides, device=str(device))
-
-            def on_epoch(epoch, metrics, jlog=jlog):
-                m = metrics[0]
-                if m:
-                    jlog.info("epoch_done", epoch=epoch, **{k: _round(v) for k, v in m.items() if k != "epoch"})
-
-            result = trainer.fit(on_epoch=on_epoch)[0]
-        except Exception as e:  # one crashing job must not take the others down
-            jlog.error("job_failed", error=f"{type(e).__name__}: {e}")
-            rows.append(_row(job, "failed", {}))
-            continue
-        event = jlog.info if result.outcome == "succeeded" else jlog.warning
-        event("job_finished", outcome=result.outcome, error=result.error,
-              **{k: _round(v) for k, v in result.final.items()})
-        rows.append(_row(job, result.outcome, result.final))
+            device = device_of(pack[0])
+            plog.info("pack_started", jobs=[j.id for j in pack], device=str(device))
+            run = run_pack([Member(j.id, j.config) for j in pack], splits_cache[key], registry, device=device,
+                           on_epoch=on_epoch, log=plog)
+            results = run.results
+        except Exception as e:  # one crashing pack must not take the others down
+            plog.error("pack_failed", error=f"{type(e).__name__}: {e}")
+            results = {j.id: {"outcome": "failed", "final": {}, "error": f"{type(e).__name__}: {e}"} for j in pack}
+        for job_id, result in results.items():
+            on_result(job_id, result)
+            rows[job_id] = (*_row(by_id[job_id], result["outcome"], result["final"]), pid[:8] if len(pack) > 1 else "-")
     log.info("experiment_finished", jobs=len(jobs), wall_s=round(time.perf_counter() - t0, 2))
-    print(_table(("job", "variant", "settings", "seed", "outcome", "val_acc", "test_acc", "epochs", "train_s"), rows))
-    return 0 if all(r[4] != "failed" for r in rows) else 1
+    ordered = [rows[j.id] for j in jobs if j.id in rows]
+    print(_table(("job", "variant", "settings", "seed", "outcome", "val_acc", "test_acc", "epochs", "train_s", "pack"),
+                 ordered))
+    return 0 if all(r[4] != "failed" for r in ordered) else 1
 
 
 # -- the daemon ---------------------------------------------------------------------------------------------
@@ -179,7 +200,7 @@ def cmd_daemon(args) -> int:
             _start_coordinator(args.store or daemon.default_store(), plugin_dirs=args.plugin_dir or [],
                                data_dir=args.data_dir, idle_release_s=args.idle_release_s,
                                strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir,
-                               max_jobs=args.max_jobs)
+                               max_jobs=args.max_jobs, max_pack=args.max_pack)
             print(f"coordinator running on the cluster at {address}")
             return 0
         store = Path(args.store or daemon.default_store()).resolve()
@@ -188,7 +209,7 @@ def cmd_daemon(args) -> int:
         state = daemon.spawn_local_daemon(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
                                           idle_release_s=args.idle_release_s, num_cpus=args.num_cpus,
                                           strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir,
-                                          max_jobs=args.max_jobs)
+                                          max_jobs=args.max_jobs, max_pack=args.max_pack)
         print(f"local daemon running: pid {state['pid']}, Ray at {state['address']}, store {state['store']}")
         return 0
     if args.action == "stop":
@@ -289,10 +310,16 @@ def cmd_status(args) -> int:
         print(_table(("experiment", "priority", "submitted", "jobs"), rows))
         return 0
     jobs = _daemon_call("status", args.experiment)
-    rows = [(j["job"], j["label"] or "-", j["seed"], j["state"], j["epoch"], j["attempts"], j["node"] or "-")
-            for j in jobs]
-    print(_table(("job", "variant", "seed", "state", "epoch", "attempts", "node"), rows))
+    rows = [(j["job"], j["label"] or "-", j["seed"], j["state"], j["epoch"], j["attempts"], _pack_cell(j),
+             j["node"] or "-") for j in jobs]
+    print(_table(("job", "variant", "seed", "state", "epoch", "attempts", "pack", "node"), rows))
     return 0
+
+
+def _pack_cell(job: dict) -> str:
+    """The pack a job ran (or runs) in: its id's first 8 digits, "-" for a job trained alone."""
+    pack = job.get("pack")
+    return pack[:8] if pack and pack != job["job"] else "-"
 
 
 def cmd_cancel(args) -> int:
@@ -392,7 +419,8 @@ def cmd_run(args) -> int:
     try:
         handle = _start_coordinator(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
                                     idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
-                                    checkpoint_dir=args.checkpoint_dir, max_jobs=args.max_jobs, detached=False)
+                                    checkpoint_dir=args.checkpoint_dir, max_jobs=args.max_jobs,
+                                    max_pack=args.max_pack, detached=False)
         sub = _daemon_call("submit", spec, args.priority, args.spec)
         print(f"{sub['experiment']}: {sub['jobs']} job(s) on a local Ray with "
               f"{int(ray.cluster_resources().get('CPU', 0))} CPU(s)", file=sys.stderr)
@@ -443,6 +471,15 @@ def _priority(text: str) -> int:
     return value
 
 
+def _max_pack_option(p) -> None:
+    from l2cluster.packing import CPU_DEFAULT_MAX_PACK, GPU_DEFAULT_MAX_PACK
+
+    p.add_argument("--max-pack", type=_positive, metavar="K",
+                   help="train at most K packable jobs together as one stacked model (1: every job alone); default "
+                        f"from the device: {CPU_DEFAULT_MAX_PACK} on a CPU, on a GPU what half its memory holds "
+                        f"(at most {GPU_DEFAULT_MAX_PACK})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from l2cluster.report import FORMATS
     from l2cluster.spec import DEFAULT_MAX_JOBS
@@ -482,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "'checkpoints' beside the store); on a multi-node cluster, shared storage every node sees")
         p.add_argument("--max-jobs", type=_positive, default=DEFAULT_MAX_JOBS,
                        help=f"refuse submissions that expand to more jobs than this (default {DEFAULT_MAX_JOBS})")
+        _max_pack_option(p)
 
     p = sub.add_parser("daemon", help="start, stop or check the daemon (a coordinator on a Ray cluster)")
     p.add_argument("action", choices=("start", "stop", "status"))
@@ -542,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing MNIST files")
     p.add_argument("--device", default="auto", help="auto (from the spec's scaling.use_gpu), cpu or cuda")
     p.add_argument("--limit", type=int, default=0, help="run only the first N jobs")
+    _max_pack_option(p)
     return parser
 
 

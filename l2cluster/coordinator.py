@@ -1,9 +1,11 @@
 """The coordinator: a named Ray actor that owns the queue and the store and runs jobs on warm gangs.
 
 Queue order is priority, then submission. Jobs run concurrently up to what the cluster can hold: a queued job
-takes an idle gang of its shape, or a new gang when the cluster has room. Every state change goes through
-the store. Idle gangs are released after `idle_release_s`. On start it re-queues what a previous coordinator
-left placing or running, so nothing is lost.
+takes an idle gang of its shape, or a new gang when the cluster has room, together with the queued jobs of the
+same priority that may be packed with it (l2cluster.packing: one stacked model, up to the pack size the gang's
+device allows). Scheduling reads only keys stored at submission; no config is validated per tick. Every state
+change goes through the store. Idle gangs are released after `idle_release_s`. On start it re-queues what a
+previous coordinator left placing or running (a pack keeps its members), so nothing is lost.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -24,6 +26,7 @@ from l2cluster.checkpoint import remove_job
 from l2cluster.data import DataError
 from l2cluster.gang import Gang, GangShape, remove_orphaned_placement_groups
 from l2cluster.log import configure_logging, get_logger
+from l2cluster.packing import ASSUMED_GPU_BYTES, max_members, pack_id, take_pack
 from l2cluster.states import JobState
 from l2cluster.store import Store, job_dict
 
@@ -34,16 +37,24 @@ _CRASH_GRACE_S = 10.0  # how long the other ranks may take to notice a crashed r
 
 
 @dataclass
-class RunningJob:
+class RunningPack:
+    """A pack on a gang: all its members in training order, and those this run trains for (the others ended
+    earlier and ride along masked)."""
+
+    id: str
     gang: Gang
-    cancel_requested: bool = False
+    members: list[str]
+    active: list[str]
+    attempts: dict[str, int]
+    cancel_all: bool = False
+    cancelled: set[str] = field(default_factory=set)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class Coordinator:
     def __init__(self, store_path: str, *, plugin_dirs: list[str] | None = None, data_dir: str | None = None,
                  idle_release_s: float = 60.0, strategy: str = "STRICT_PACK", max_jobs: int = 10_000,
-                 form_timeout_s: float = 120.0, checkpoint_dir: str | None = None):
+                 form_timeout_s: float = 120.0, checkpoint_dir: str | None = None, max_pack: int | None = None):
         from l2cluster.registry import load_registry
 
         configure_logging(json=True)
@@ -57,8 +68,11 @@ class Coordinator:
         self.data_dir = data_dir
         self.idle_release_s, self.strategy, self.max_jobs = idle_release_s, strategy, max_jobs
         self.form_timeout_s = form_timeout_s
+        self.max_pack = max_pack  # None: from the device (l2cluster.packing.max_members)
         self.gangs: dict[str, Gang] = {}
-        self.running: dict[str, RunningJob] = {}
+        self.running: dict[str, RunningPack] = {}  # job id → the pack it runs in
+        self.gpu_bytes: dict[GangShape, int] = {}  # the smallest GPU of each shape's gangs, once one has formed
+        self._scalings: dict[str, dict] = {}
         self.pending_cpus = 0.0
         self.pending_gpus = 0.0
         self.mnist_ref = None
@@ -130,6 +144,7 @@ class Coordinator:
         if not rows:
             raise KeyError(f"no experiment or job {target!r}")
         n = 0
+        packs: dict[str, RunningPack] = {}
         for row in rows:
             state = JobState(row["state"])
             if state is JobState.QUEUED:
@@ -137,10 +152,19 @@ class Coordinator:
                 n += 1
             elif row["id"] in self.running:
                 running = self.running[row["id"]]
-                running.cancel_requested = True
+                running.cancelled.add(row["id"])
+                packs[running.id] = running
+                n += 1
+        for running in packs.values():
+            # The whole pack stops when every member it trains for is cancelled; else only those members do.
+            if running.cancel_all or set(running.active) <= running.cancelled:
+                running.cancel_all = True
                 for w in running.gang.workers:
                     w.cancel.remote()
-                n += 1
+            else:
+                for job_id in running.cancelled:
+                    for w in running.gang.workers:
+                        w.cancel.remote(job_id)
         self._wake.set()
         return n
 
@@ -157,6 +181,12 @@ class Coordinator:
     async def report_epoch(self, job_id: str, epoch: int, metrics: dict) -> None:
         if self.store.job(job_id) is not None:
             self.store.record_epoch(job_id, epoch, metrics)
+
+    async def report_result(self, job_id: str, attempt: int, result: dict) -> None:
+        """A pack member ended while its pack trains on (diverged, failed by a plugin, cancelled): record it now."""
+        running = self.running.get(job_id)
+        if running is not None and running.attempts.get(job_id) == attempt:
+            self._record(job_id, result, attempt)
 
     async def shutdown(self) -> None:
         if self._loop_task:
@@ -181,6 +211,12 @@ class Coordinator:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=_TICK_S * 10)
 
+    def _scaling(self, shape_json: str) -> dict:
+        scaling = self._scalings.get(shape_json)
+        if scaling is None:
+            scaling = self._scalings[shape_json] = json.loads(shape_json)
+        return scaling
+
     def _schedule(self) -> None:
         queued = self.store.queued()
         if not queued:
@@ -190,20 +226,20 @@ class Coordinator:
         available = ray.available_resources()
         free_cpus = available.get("CPU", 0) - self.pending_cpus
         free_gpus = available.get("GPU", 0) - self.pending_gpus
-        from l2cluster.spec import spec_models
-
-        train_model = spec_models(self.registry).train
-        for row in queued:
-            config = train_model.model_validate_json(row["config_json"])
-            shape = GangShape.of(config, gpus)
+        taken: set[str] = set()
+        for i, row in enumerate(queued):
+            if row["id"] in taken:
+                continue
+            scaling = self._scaling(row["shape_json"])
+            shape = GangShape.of_scaling(scaling, gpus)
             gang = next((g for g in self.gangs.values() if g.shape == shape and not g.busy), None)
             if gang is None:
                 need_cpus = shape.cpus_per_worker * shape.num_workers
                 need_gpus = shape.gpus_per_worker * shape.num_workers
                 if need_cpus > total.get("CPU", 0) + 1e-9 or need_gpus > gpus + 1e-9 or (
-                        config.scaling.use_gpu is True and not gpus):
+                        scaling["use_gpu"] is True and not gpus):
                     why = (f"needs {need_cpus:g} CPU(s) and {need_gpus:g} GPU(s)"
-                           + (" (scaling.use_gpu: true)" if config.scaling.use_gpu is True else "")
+                           + (" (scaling.use_gpu: true)" if scaling["use_gpu"] is True else "")
                            + f"; the whole cluster has {total.get('CPU', 0):g} CPU(s) and {gpus:g} GPU(s): "
                            "lower scaling.num_workers / cpus_per_worker, or set use_gpu: auto")
                     self.store.transition(row["id"], JobState.PLACING)
@@ -223,15 +259,44 @@ class Coordinator:
                 free_gpus -= need_gpus
                 gang = Gang.create(shape, strategy=self.strategy, plugin_dirs=self.plugin_dirs)
                 self.gangs[gang.id] = gang
+            running = self._pack(row, queued[i + 1:], shape, gang, taken)
             gang.busy = True
-            self.store.transition(row["id"], JobState.PLACING)
-            self.running[row["id"]] = RunningJob(gang)
-            asyncio.get_running_loop().create_task(self._run(row["id"], row["config_json"], row["attempts"] + 1))
+            for job_id in running.active:
+                self.store.transition(job_id, JobState.PLACING)
+                running.attempts[job_id] = self.store.job(job_id)["attempts"]
+                self.running[job_id] = running
+            asyncio.get_running_loop().create_task(self._run(running))
 
-    async def _run(self, job_id: str, config_json: str, attempt: int) -> None:
-        running = self.running[job_id]
+    def _pack(self, head, rest, shape: GangShape, gang: Gang, taken: set[str]) -> RunningPack:
+        """The pack `head` starts: the pack it was part of when that lost its gang (same members, to resume from
+        its checkpoints), else `head` and the queued jobs of the same pack key, shape and priority."""
+        if head["pack_id"]:
+            members = self.store.pack_members(head["pack_id"]) or [head["id"]]
+            queued = {r["id"] for r in [head, *rest]}
+            active = [j for j in members if j in queued]
+            taken.update(active)
+            return RunningPack(head["pack_id"], gang, members, active, {})
+        limit = self._max_members(head, shape)
+        key = lambda r: None if r["pack_key"] is None else (r["pack_key"], r["shape_json"], r["priority"])  # noqa: E731
+        rows = take_pack(head, (r for r in rest if r["id"] not in taken and not r["pack_id"]), limit, key)
+        members = [r["id"] for r in rows]
+        taken.update(members)
+        pid = pack_id(members)
+        self.store.start_pack(pid, members)
+        return RunningPack(pid, gang, members, list(members), {})
+
+    def _max_members(self, head, shape: GangShape) -> int:
+        if head["pack_key"] is None:
+            return 1
+        gpu_bytes = None
+        if shape.gpus_per_worker:
+            gpu_bytes = int(self.gpu_bytes.get(shape, ASSUMED_GPU_BYTES) * min(1.0, shape.gpus_per_worker))
+        return max_members(json.loads(head["config_json"]), gpu_bytes=gpu_bytes, cap=self.max_pack)
+
+    async def _run(self, running: RunningPack) -> None:
         gang = running.gang
-        log = self.log.bind(job_id=job_id, gang=gang.id, attempt=attempt)
+        attempt = max(running.attempts.values())
+        log = self.log.bind(pack=running.id[:8], members=len(running.members), gang=gang.id, attempt=attempt)
         try:
             if not gang.ready:
                 shape = gang.shape
@@ -243,37 +308,51 @@ class Coordinator:
                     self.pending_cpus -= shape.cpus_per_worker * shape.num_workers
                     self.pending_gpus -= shape.gpus_per_worker * shape.num_workers
                 log.info("gang_formed", pids=[i["pid"] for i in gang.infos], node=gang.node)
+                sizes = [i["gpu_bytes"] for i in gang.infos if i.get("gpu_bytes")]
+                if sizes:
+                    self.gpu_bytes[shape] = min(sizes)
         except (RayError, asyncio.TimeoutError, OSError) as e:
             log.warning("gang_failed", error=f"{type(e).__name__}: {e}")
             self._drop(gang)
-            self.running.pop(job_id, None)
-            self._retry_or_fail(job_id, f"placement failed: {type(e).__name__}: {e}")
-            self._wake.set()
+            self._end_run(running)
+            for job_id in running.active:
+                self._retry_or_fail(job_id, f"placement failed: {type(e).__name__}: {e}")
             return
         except DataError as e:  # MNIST is missing or corrupt here: fail the job, keep serving (fixed files load)
             log.error("data_unusable", error=str(e))
             self._drop(gang)
-            self.running.pop(job_id, None)
-            self.store.finish(job_id, "failed", {}, error=f"the coordinator cannot load MNIST: {e}")
-            self._wake.set()
+            self._end_run(running)
+            for job_id in running.active:
+                self.store.finish(job_id, "failed", {}, error=f"the coordinator cannot load MNIST: {e}")
             return
-        self.store.transition(job_id, JobState.RUNNING, node=gang.node)
-        gang.job_id = job_id
-        if running.cancel_requested:
+        size = len(running.members)
+        for job_id in running.active:
+            self.store.transition(job_id, JobState.RUNNING, node=gang.node,
+                                  detail=f"in pack {running.id[:8]} with {size - 1} other job(s)" if size > 1 else None)
+        gang.job_id = running.id
+        if running.cancel_all:
             for w in gang.workers:
                 w.cancel.remote()
+        for job_id in running.cancelled:
+            for w in gang.workers:
+                w.cancel.remote(job_id)
         me = ray.get_runtime_context().current_actor
+        rows = {j: self.store.job(j) for j in running.members}
+        members = [(j, json.loads(rows[j]["config_json"])) for j in running.members]
+        done = [j for j in running.members if j not in running.active]
         try:
-            refs = [w.run.remote(job_id, json.loads(config_json), attempt, me, self.checkpoint_dir)
-                    for w in gang.workers]
+            refs = [w.run.remote(running.id, members, attempt, me, self.checkpoint_dir, done) for w in gang.workers]
             outs, stuck = await _await_ranks(refs)
             out = next((o for o in outs if o and o.get("traceback")), outs[0])  # a crash explains the run best
-            outcome = "cancelled" if running.cancel_requested and out["outcome"] == "cancelled" else out["outcome"]
-            resumed = out.get("resumed_from_epoch")
-            self.store.finish(job_id, outcome, out["final"], error=out["error"], diverged_epoch=out["diverged_epoch"],
-                              detail=f"resumed from the checkpoint of epoch {resumed}" if resumed else None,
-                              epochs=out.get("epochs"), attempt=attempt)
-            log.info("job_finished", outcome=outcome, resumed_from_epoch=resumed)
+            results = out.get("results", {})
+            for job_id in running.active:
+                if job_id in results:
+                    self._record(job_id, results[job_id], running.attempts[job_id])
+                elif not self._terminal(job_id):
+                    self.store.finish(job_id, "failed", {}, error=out.get("error") or "the run returned no result",
+                                      attempt=running.attempts[job_id])
+            log.info("pack_finished", outcomes={j: self.store.job(j)["state"] for j in running.active},
+                     resumed_from_epoch=out.get("resumed_from_epoch"), split=out.get("split", False))
             if stuck or (gang.shape.num_workers > 1 and any(o and o.get("traceback") for o in outs)):
                 # A rank crashed outside the collectives' lockstep: its process group cannot be trusted.
                 log.warning("gang_dropped", reason="a rank crashed", stuck_ranks=stuck)
@@ -284,15 +363,39 @@ class Coordinator:
             what = "a rank of its gang died" if isinstance(e, RayActorError) else "the gang failed"
             log.warning("gang_lost", error=str(e)[:300])
             self._drop(gang)
-            if running.cancel_requested:
-                self.store.finish(job_id, "cancelled", {}, error=f"cancelled; {what}")
-            else:
-                self._retry_or_fail(job_id, f"{what}: {str(e)[:500]}")
+            for job_id in running.active:
+                if self._terminal(job_id):
+                    continue  # it ended (and was recorded) before the gang was lost
+                if running.cancel_all or job_id in running.cancelled:
+                    self.store.finish(job_id, "cancelled", {}, error=f"cancelled; {what}")
+                else:
+                    self._retry_or_fail(job_id, f"{what}: {str(e)[:500]}")
         finally:
-            self.running.pop(job_id, None)
-            if JobState(self.store.job(job_id)["state"]).is_terminal:
-                remove_job(self.checkpoint_dir, job_id)
-            self._wake.set()
+            self._end_run(running)
+
+    def _record(self, job_id: str, result: dict, attempt: int) -> None:
+        """Store one member's result, once (a member that ended early was reported during the run already)."""
+        if self._terminal(job_id):
+            return
+        resumed = result.get("resumed_from_epoch")
+        self.store.finish(job_id, result["outcome"], result["final"], error=result["error"],
+                          diverged_epoch=result["diverged_epoch"], epochs=result.get("epochs"), attempt=attempt,
+                          detail=f"resumed from the checkpoint of epoch {resumed}" if resumed else None)
+
+    def _terminal(self, job_id: str) -> bool:
+        return JobState(self.store.job(job_id)["state"]).is_terminal
+
+    def _end_run(self, running: RunningPack) -> None:
+        """The pack's run is over: forget it and delete the checkpoints of whatever has ended for good."""
+        for job_id in running.active:
+            if self.running.get(job_id) is running:
+                self.running.pop(job_id)
+        ended = [j for j in running.members if self._terminal(j)]
+        for job_id in ended:  # a member that trained alone after its pack split kept its own checkpoints
+            remove_job(self.checkpoint_dir, job_id)
+        if len(ended) == len(running.members):
+            remove_job(self.checkpoint_dir, running.id)
+        self._wake.set()
 
     def _retry_or_fail(self, job_id: str, why: str) -> None:
         """A job lost its gang (or its coordinator): back to the queue, or failed once max_attempts are spent."""

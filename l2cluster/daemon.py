@@ -124,7 +124,8 @@ def coordinator():
 
 def start_coordinator(store: str | Path, *, plugin_dirs=(), data_dir: str | None = None,
                       idle_release_s: float = 60.0, strategy: str = "STRICT_PACK", detached: bool = True,
-                      checkpoint_dir: str | None = None, max_jobs: int = DEFAULT_MAX_JOBS):
+                      checkpoint_dir: str | None = None, max_jobs: int = DEFAULT_MAX_JOBS,
+                      max_pack: int | None = None):
     """Create the named coordinator (or return the running one) and wait until it answers."""
     # On the head node: the store path is the head's, and the coordinator outlives any worker node.
     head = {"node:__internal_head__": 0.001} if "node:__internal_head__" in ray.cluster_resources() else {}
@@ -132,7 +133,7 @@ def start_coordinator(store: str | Path, *, plugin_dirs=(), data_dir: str | None
         name=NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached" if detached else None,
         resources=head,
     ).remote(str(Path(store).expanduser().resolve()), plugin_dirs=list(plugin_dirs), data_dir=data_dir,
-             idle_release_s=idle_release_s, strategy=strategy, max_jobs=max_jobs,
+             idle_release_s=idle_release_s, strategy=strategy, max_jobs=max_jobs, max_pack=max_pack,
              checkpoint_dir=str(Path(checkpoint_dir).expanduser().resolve()) if checkpoint_dir else None)
     ray.get(handle.ping.remote())
     return handle
@@ -140,7 +141,8 @@ def start_coordinator(store: str | Path, *, plugin_dirs=(), data_dir: str | None
 
 def spawn_local_daemon(store: Path, *, plugin_dirs=(), data_dir: str | None, idle_release_s: float,
                        num_cpus: int | None, strategy: str = "STRICT_PACK", checkpoint_dir: str | None = None,
-                       max_jobs: int = DEFAULT_MAX_JOBS, timeout_s: float = 90.0) -> dict:
+                       max_jobs: int = DEFAULT_MAX_JOBS, max_pack: int | None = None,
+                       timeout_s: float = 90.0) -> dict:
     """Start `python -m l2cluster.daemon` in its own session and wait for it to publish its address."""
     if (state := read_state()) and _alive(state["pid"]):
         return state
@@ -151,6 +153,7 @@ def spawn_local_daemon(store: Path, *, plugin_dirs=(), data_dir: str | None, idl
            "--placement-strategy", strategy, "--max-jobs", str(max_jobs)]
     cmd += ["--data-dir", data_dir] if data_dir else []
     cmd += ["--num-cpus", str(num_cpus)] if num_cpus else []
+    cmd += ["--max-pack", str(max_pack)] if max_pack else []
     cmd += ["--checkpoint-dir", str(Path(checkpoint_dir).resolve())] if checkpoint_dir else []
     for d in plugin_dirs:
         cmd += ["--plugin-dir", str(d)]
@@ -208,6 +211,7 @@ def host_main(argv=None) -> int:
     p.add_argument("--placement-strategy", default="STRICT_PACK")
     p.add_argument("--checkpoint-dir")
     p.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS)
+    p.add_argument("--max-pack", type=int)
     args = p.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -216,7 +220,8 @@ def host_main(argv=None) -> int:
     try:
         handle = start_coordinator(args.store, plugin_dirs=args.plugin_dir, data_dir=args.data_dir,
                                    idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
-                                   checkpoint_dir=args.checkpoint_dir, max_jobs=args.max_jobs, detached=False)
+                                   checkpoint_dir=args.checkpoint_dir, max_jobs=args.max_jobs,
+                                   max_pack=args.max_pack, detached=False)
         state = {"pid": os.getpid(), "address": ray.get_runtime_context().gcs_address, "store": args.store}
         tmp = _state_file().with_suffix(".tmp")
         tmp.write_text(json.dumps(state))

@@ -25,7 +25,6 @@ import torch.distributed as dist
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from l2cluster.checkpoint import JobCheckpoints
 from l2cluster.data import Mnist, split_mnist
 from l2cluster.log import configure_logging, get_logger
 
@@ -39,10 +38,11 @@ class GangShape:
     gpus_per_worker: float  # 0 for CPU gangs
 
     @classmethod
-    def of(cls, config, gpus_in_cluster: float) -> GangShape:
-        s = config.scaling
-        use_gpu = s.use_gpu is True or (s.use_gpu == "auto" and gpus_in_cluster > 0)
-        return cls(s.num_workers, s.cpus_per_worker, s.gpus_per_worker if use_gpu else 0.0)
+    def of_scaling(cls, scaling: dict, gpus_in_cluster: float) -> GangShape:
+        """The shape a job's `scaling` section asks for, on a cluster with this many GPUs."""
+        use_gpu = scaling["use_gpu"] is True or (scaling["use_gpu"] == "auto" and gpus_in_cluster > 0)
+        return cls(scaling["num_workers"], scaling["cpus_per_worker"],
+                   scaling["gpus_per_worker"] if use_gpu else 0.0)
 
     def bundles(self) -> list[dict[str, float]]:
         bundle = {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {})}
@@ -51,7 +51,7 @@ class GangShape:
 
 @ray.remote(max_concurrency=2)  # a second thread takes cancel() while run() trains
 class RankWorker:
-    """One DDP rank. Lives as long as its gang; trains one job at a time."""
+    """One DDP rank. Lives as long as its gang; trains one pack (one or more jobs) at a time."""
 
     def __init__(self, rank: int, world: int, num_threads: int, plugin_dirs: list[str]):
         from l2cluster.registry import load_registry
@@ -62,7 +62,8 @@ class RankWorker:
         self.registry = load_registry(plugin_dirs)
         self.mnist: Mnist | None = None
         self.splits: dict[tuple, object] = {}
-        self.cancel_flag = threading.Event()
+        self.cancel_all = threading.Event()
+        self.cancelled_jobs: set[str] = set()
         self.rendezvous: socket.socket | None = None  # rank 0's process-group rendezvous socket
         self.process_groups_started = 0
         self.jobs_run = 0
@@ -92,81 +93,61 @@ class RankWorker:
 
     def info(self) -> dict:
         node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:6]}"
-        return {"pid": os.getpid(), "node": node, "rank": self.rank,
+        gpu_bytes = torch.cuda.get_device_properties(0).total_memory if ray.get_gpu_ids() else None
+        return {"pid": os.getpid(), "node": node, "rank": self.rank, "gpu_bytes": gpu_bytes,
                 "process_groups_started": self.process_groups_started, "jobs_run": self.jobs_run}
 
-    def cancel(self) -> None:
-        self.cancel_flag.set()
+    def cancel(self, job_id: str | None = None) -> None:
+        """Stop the running pack (job_id None) or one member of it before the next step."""
+        if job_id is None:
+            self.cancel_all.set()
+        else:
+            self.cancelled_jobs.add(job_id)
 
-    def run(self, job_id: str, config: dict, attempt: int, coordinator, checkpoint_dir: str | None = None) -> dict:
-        """Train one job; rank 0 reports each epoch to the coordinator. Never raises: a crash is a result.
+    def run(self, pack_id: str, members: list[tuple[str, dict]], attempt: int, coordinator,
+            checkpoint_dir: str | None = None, done: list[str] = ()) -> dict:
+        """Train one pack (one job: a pack of one) through the job runner; rank 0 reports each member's epochs
+        and early results to the coordinator. Never raises: a crash is a result.
 
-        With a checkpoint directory every rank saves its state after each epoch but the last, and a later
-        attempt resumes from the newest epoch that every rank has, so it ends exactly as an uninterrupted run."""
+        Returns {"results": {job_id: result}, "resumed_from_epoch", "split"}, or {"error", "traceback"} when the
+        run crashed outside the trainer's own handling."""
+        from l2cluster.runner import Member, run_pack
         from l2cluster.spec import spec_models
-        from l2cluster.trainer import Trainer
 
-        self.cancel_flag.clear()
-        log = get_logger(job_id=job_id, rank=self.rank, attempt=attempt)
-        ckpt = JobCheckpoints(checkpoint_dir, job_id, self.rank) if checkpoint_dir else None
+        self.cancel_all.clear()
+        self.cancelled_jobs = set()
+        log = get_logger(pack=pack_id[:8], rank=self.rank, attempt=attempt,
+                         **({"job_id": members[0][0]} if len(members) == 1 else {"members": len(members)}))
         try:
-            cfg = spec_models(self.registry).train.model_validate(config)
-            d = cfg.data
+            train_model = spec_models(self.registry).train
+            pack = [Member(job_id, train_model.model_validate(config)) for job_id, config in members]
+            d = pack[0].config.data
             key = (d.val_size, d.split_seed, d.train_size)
             if key not in self.splits:
                 self.splits[key] = split_mnist(self.mnist, val_size=d.val_size, seed=d.split_seed,
                                                train_size=d.train_size)
             device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
-            trainer = Trainer([cfg], self.splits[key], self.registry, device=device)
-            resumed = self._resume(trainer, ckpt, device) if ckpt is not None else 0
-            if resumed:
-                log.info("job_resumed", epoch=resumed)
 
-            def on_epoch(epoch, metrics):
-                if ckpt is not None and epoch < cfg.epochs and metrics[0]:
-                    ckpt.save(epoch, trainer.state_dict())
-                    if self.world > 1:  # every rank's file is on disk before the epoch counts as done
-                        dist.barrier()
-                if self.rank == 0 and metrics[0]:
-                    log.info("epoch_done", epoch=epoch, val_acc=metrics[0]["val_acc"], epoch_s=metrics[0]["epoch_s"])
-                    coordinator.report_epoch.remote(job_id, epoch, metrics[0])
+            def on_epoch(job_id, epoch, metrics):
+                log.info("epoch_done", job_id=job_id, epoch=epoch, val_acc=metrics["val_acc"],
+                         epoch_s=metrics["epoch_s"])
+                coordinator.report_epoch.remote(job_id, epoch, metrics)
 
-            def should_stop() -> bool:
-                stop = self.cancel_flag.is_set()
-                if self.world > 1:  # every rank must stop at the same step, or the others hang in all-reduce
-                    flag = torch.tensor([float(stop)], device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    stop = bool(flag.item())
-                return stop
+            def on_result(job_id, result):
+                coordinator.report_result.remote(job_id, attempt, result)
 
-            (result,) = trainer.fit(on_epoch=on_epoch, should_stop=should_stop)
-            final = dict(result.final)
-            final["param_sum"] = float(sum(p.detach().double().sum() for p in trainer.params.values()))
-            out = {"outcome": result.outcome, "final": final, "error": result.error, "epochs": result.epochs,
-                   "diverged_epoch": result.diverged_epoch, "resumed_from_epoch": resumed}
-            if ckpt is not None:  # the run is over: its outcome is final, nothing will resume it
-                ckpt.remove()
+            def cancelled():
+                return True if self.cancel_all.is_set() else set(self.cancelled_jobs)
+
+            run = run_pack(pack, self.splits[key], self.registry, device=device, checkpoint_dir=checkpoint_dir,
+                           rank=self.rank, world=self.world, done=set(done), on_epoch=on_epoch, on_result=on_result,
+                           cancelled=cancelled, log=log)
+            out = {"results": run.results, "resumed_from_epoch": run.resumed_from_epoch, "split": run.split}
         except Exception as e:  # a crashing job must not take the gang or the daemon down
             log.error("job_crashed", error=f"{type(e).__name__}: {e}")
-            out = {"outcome": "failed", "final": {}, "error": f"{type(e).__name__}: {e}",
-                   "diverged_epoch": None, "traceback": traceback.format_exc(limit=5)}
+            out = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=5)}
         self.jobs_run += 1
         return out
-
-    def _resume(self, trainer, ckpt: JobCheckpoints, device) -> int:
-        """Load the newest checkpoint every rank has (0: none, start from scratch); ranks agree on the epoch."""
-        epochs = ckpt.epochs()
-        epoch = epochs[-1] if epochs else 0
-        if self.world > 1:
-            agreed = torch.tensor([epoch], device=device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-            epoch = int(agreed.item())
-            have = torch.tensor([int(epoch in epochs)], device=device)
-            dist.all_reduce(have, op=dist.ReduceOp.MIN)
-            epoch = epoch if have.item() else 0
-        if epoch:
-            trainer.load_state_dict(ckpt.load(epoch))
-        return epoch
 
     def shutdown(self) -> None:
         if dist.is_initialized():

@@ -211,6 +211,10 @@ class ScalingConfig(_Strict):
     gpus_per_worker: float = Field(1.0, gt=0)
     """GPUs reserved per rank when on GPU; fractions are allowed only for single-rank jobs (NCCL refuses two
     ranks on one GPU)."""
+    pack: bool = True
+    """Let the daemon train this job stacked with other queued jobs that differ from it only in seed and numeric
+    regularizer settings (one pack, one set of kernels: the same results, much faster on a GPU). false: always
+    train it alone."""
 
     @model_validator(mode="after")
     def _fractional_gpus(self):
@@ -630,7 +634,7 @@ def load_spec(path: str | Path, registry: Registry):
 
 # -- sweep expansion ----------------------------------------------------------------------------------------
 # Settings of how the daemon runs a job, not of what it computes: changing them keeps the job's identity.
-NOT_IN_JOB_ID = {"max_attempts"}
+NOT_IN_JOB_ID: dict[str, Any] = {"max_attempts": True, "scaling": {"pack"}}
 
 
 @dataclass(frozen=True)

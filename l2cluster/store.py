@@ -17,9 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from l2cluster.packing import pack_key
 from l2cluster.states import JobState, check_transition
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,7 +48,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     submitted_at REAL NOT NULL,
     started_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    pack_key TEXT,
+    shape_json TEXT,
+    pack_id TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_experiment ON jobs(experiment_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, priority DESC, seq);
@@ -60,6 +64,13 @@ CREATE TABLE IF NOT EXISTS experiment_jobs (
     PRIMARY KEY (experiment_id, job_id)
 );
 CREATE INDEX IF NOT EXISTS experiment_jobs_by_seq ON experiment_jobs(experiment_id, seq);
+-- A pack: jobs trained together as one stacked model, in this order. A job keeps its pack until it ends, so a
+-- pack that lost its gang resumes with the same members from its checkpoints.
+CREATE TABLE IF NOT EXISTS packs (
+    id TEXT PRIMARY KEY,
+    members_json TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL REFERENCES jobs(id),
     at REAL NOT NULL,
@@ -126,8 +137,18 @@ class Store:
         elif int(row[0]) > SCHEMA_VERSION:
             raise StoreError(f"{self.path}: written by a newer l2cluster (schema {row[0]} > {SCHEMA_VERSION}); "
                              "upgrade l2cluster")
-        elif int(row[0]) < 2:  # schema 1 knew one experiment per job: record that membership
-            self._db.execute("INSERT OR IGNORE INTO experiment_jobs SELECT experiment_id, id, seq FROM jobs")
+        elif int(row[0]) < SCHEMA_VERSION:
+            if int(row[0]) < 2:  # schema 1 knew one experiment per job: record that membership
+                self._db.execute("INSERT OR IGNORE INTO experiment_jobs SELECT experiment_id, id, seq FROM jobs")
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            for column in ("pack_key", "shape_json", "pack_id"):  # schema 3: packing
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
+            for job_id, config_json in self._db.execute("SELECT id, config_json FROM jobs WHERE shape_json IS NULL "
+                                                        "AND state = 'queued'").fetchall():
+                config = json.loads(config_json)
+                self._db.execute("UPDATE jobs SET pack_key = ?, shape_json = ? WHERE id = ?",
+                                 (pack_key(config), shape_json(config), job_id))
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
@@ -157,12 +178,14 @@ class Store:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
             for job in jobs:
                 seq += 1
+                config = job.config.model_dump(mode="json")
                 cur = db.execute(
                     "INSERT OR IGNORE INTO jobs (id, experiment_id, seq, label, overrides_json, seed, group_key, "
-                    "config_json, priority, state, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "config_json, priority, state, submitted_at, pack_key, shape_json) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (job.id, experiment_id, seq, job.label, json.dumps(job.overrides, sort_keys=True), job.seed,
-                     job.group, json.dumps(job.config.model_dump(mode="json"), sort_keys=True), priority,
-                     JobState.QUEUED.value, now))
+                     job.group, json.dumps(config, sort_keys=True), priority, JobState.QUEUED.value, now,
+                     pack_key(config), shape_json(config)))
                 db.execute("INSERT OR IGNORE INTO experiment_jobs VALUES (?, ?, ?)", (experiment_id, job.id, seq))
                 if cur.rowcount:
                     added += 1
@@ -205,6 +228,17 @@ class Store:
             db.execute("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?)",
                        (job_id, epoch, attempts, json.dumps(metrics, sort_keys=True)))
             db.execute("UPDATE jobs SET epoch = ? WHERE id = ?", (epoch, job_id))
+
+    def start_pack(self, pack_id: str, job_ids: list[str]) -> None:
+        """Record a pack's members (in training order) and put each member into it, in one transaction. Starting
+        an existing pack again (a retry) keeps its first record."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO packs VALUES (?, ?, ?)", (pack_id, json.dumps(job_ids), time.time()))
+            db.executemany("UPDATE jobs SET pack_id = ? WHERE id = ?", [(pack_id, j) for j in job_ids])
+
+    def pack_members(self, pack_id: str) -> list[str]:
+        row = self._db.execute("SELECT members_json FROM packs WHERE id = ?", (pack_id,)).fetchone()
+        return json.loads(row[0]) if row else []
 
     def finish(self, job_id: str, outcome: str, final: dict, *, error: str | None = None,
                diverged_epoch: int | None = None, detail: str | None = None, epochs: list[dict] | None = None,
@@ -296,10 +330,18 @@ def _statements() -> list[str]:
     return [s.strip() for s in _SCHEMA.split(";") if s.strip()]
 
 
+def shape_json(config: dict) -> str:
+    """What decides a job's gang (its ranks and their resources), as stored for the scheduler."""
+    s = config.get("scaling", {})
+    return json.dumps({k: s.get(k) for k in ("num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu")},
+                      sort_keys=True)
+
+
 def job_dict(row: sqlite3.Row) -> dict:
     """A row of the jobs table as the plain dict the CLI shows (`status`, `results --jobs`)."""
     return {"job": row["id"], "experiment": row["experiment_id"], "label": row["label"],
             "overrides": json.loads(row["overrides_json"]), "seed": row["seed"], "state": row["state"],
             "epoch": row["epoch"], "attempts": row["attempts"], "node": row["node"], "error": row["error"],
             "priority": row["priority"], "submitted_at": row["submitted_at"], "started_at": row["started_at"],
-            "finished_at": row["finished_at"]}
+            "finished_at": row["finished_at"],
+            "pack": row["pack_id"] if "pack_id" in row.keys() else None}  # noqa: SIM118 (a Row's `in` reads values)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from l2cluster.data import Splits
 from l2cluster.model import StackedMLP
+from l2cluster.packing import stack_key
 from l2cluster.plugin import HookError, HyperParams, StackedRNG
 from l2cluster.registry import PluginInfo, Registry
 
@@ -87,17 +88,7 @@ def resolve_device(use_gpu: str | bool) -> torch.device:
 
 def pack_key(config) -> str:
     """Jobs with equal keys can be trained stacked: they differ only in seed and numeric plugin settings."""
-    d = config.model_dump(mode="json")
-    d.pop("seed")
-    d["regularizers"] = [
-        {k: v for k, v in r.items() if k == "name" or not _numeric(v)} for r in d["regularizers"]
-    ]
-    return hashlib.sha256(repr(sorted(d.items())).encode()).hexdigest()[:16]
-
-
-def _numeric(v) -> bool:
-    is_num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
-    return is_num(v) or (isinstance(v, list) and all(is_num(x) for x in v))
+    return stack_key(config.model_dump(mode="json"))
 
 
 class Trainer:
@@ -159,6 +150,7 @@ class Trainer:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._probe: _NonFiniteProbe | None = None  # set only while an epoch is replayed to blame a plugin
         self.graph_error: str | None = None
+        self.hook_error: HookError | None = None  # set when a hook raised and failed the whole stack
         self._graph_idx: torch.Tensor | None = None
         self._eager_steps_before_capture = 3
         # Progress, all of it in state_dict(): a run resumed from a checkpoint continues exactly.
@@ -228,16 +220,20 @@ class Trainer:
         """Train every model for the remaining epochs; returns one RunResult per model.
 
         `on_epoch(epoch, metrics)` runs after every epoch (a checkpoint taken there with state_dict() resumes
-        exactly). `should_stop()` is asked before every step; when it says yes the run ends at once with
-        outcome "cancelled" (under DDP every rank must get the same answer at the same step).
-        A plugin hook that raises fails every model of the stack (outcome "failed", the plugin's message);
-        a non-finite loss ends that model with outcome "diverged" and the epoch it happened."""
+        exactly). `should_stop()` is asked before every step: True ends the run at once with outcome
+        "cancelled"; a collection of model indices ends just those models ("cancelled") while the others go on
+        (under DDP every rank must get the same answer at the same step).
+        A plugin hook that raises fails every model of the stack (outcome "failed", the plugin's message; the
+        error is kept in `hook_error`); a non-finite loss ends that model with outcome "diverged" and the epoch
+        it happened."""
         results = self.results
         try:
             cancelled = self._fit(results, on_epoch, should_stop)
         except HookError as e:
+            self.hook_error = e
             for r in results:
-                r.outcome, r.error = "failed", str(e)
+                if r.outcome == "running":
+                    r.outcome, r.error = "failed", str(e)
             return results
         for r in results:
             if r.outcome == "running":
@@ -267,7 +263,8 @@ class Trainer:
             for c in counters.values():
                 c.zero_()
             for s in range(num_steps):
-                if should_stop is not None and should_stop():
+                stop = should_stop() if should_stop is not None else False
+                if stop and (stop is True or not self.stop_models(stop)):
                     return True
                 global_idx = order[:, s * batch:(s + 1) * batch]
                 # DDP: each rank takes every world-th example of the global batch.
@@ -330,18 +327,33 @@ class Trainer:
             if not alive.any():
                 break
         test_loss, test_acc = self.evaluate(self.test_x, self.test_y)
-        train_s = time.perf_counter() - t_start
+        self.train_s = time.perf_counter() - t_start
         for k in range(K):
-            r = results[k]
-            last = r.epochs[-1] if r.epochs else {}
-            r.final = {key: last.get(key) for key in ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")}
-            r.final.update(best_val_acc=best[k][0] if best[k][1] else None, best_epoch=best[k][1] or None,
-                           epochs_run=len(r.epochs), train_s=train_s)
             if alive[k]:
-                r.final.update(test_loss=float(test_loss[k]), test_acc=float(test_acc[k]))
-            else:
-                r.final.update(test_loss=None, test_acc=None)
+                self.finalize(k, float(test_loss[k]), float(test_acc[k]))
+            elif not results[k].final:
+                self.finalize(k)
         return False
+
+    def stop_models(self, models) -> bool:
+        """End these models now with outcome "cancelled" (the others train on); False when none is left."""
+        for k in models:
+            if self.alive[k]:
+                self.alive[k] = False
+                self.results[k].outcome = "cancelled"
+                self.finalize(k)
+        return bool(self.alive.any())
+
+    def finalize(self, k: int, test_loss: float | None = None, test_acc: float | None = None) -> dict:
+        """Model k's final numbers: its last epoch's metrics, best validation accuracy and, for a model that
+        trained to the end, its test metrics (None for one that ended early)."""
+        r = self.results[k]
+        last = r.epochs[-1] if r.epochs else {}
+        best_acc, best_epoch = self.best[k]
+        r.final = {key: last.get(key) for key in ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm")}
+        r.final.update(best_val_acc=best_acc if best_epoch else None, best_epoch=best_epoch or None,
+                       epochs_run=len(r.epochs), train_s=self.train_s, test_loss=test_loss, test_acc=test_acc)
+        return r.final
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

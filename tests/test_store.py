@@ -10,9 +10,10 @@ import stat
 import pytest
 from support import registry
 
+from l2cluster.packing import pack_key
 from l2cluster.spec import expand, parse_spec
 from l2cluster.states import TRANSITIONS, InvalidTransition, JobState, check_transition
-from l2cluster.store import Store, StoreError
+from l2cluster.store import SCHEMA_VERSION, Store, StoreError, shape_json
 
 SPEC = {"name": "s", "optimizer": {"name": "adam"}, "epochs": 1,
         "sweep": {"seeds": [0, 1], "grid": {"optimizer.lr": [1e-3, 2e-3]}}}
@@ -142,7 +143,27 @@ def test_a_schema_1_store_is_upgraded_in_place(tmp_path):
     store.close()
     store = Store(path)
     assert len(store.jobs("s-1")) == 4
-    assert store._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    assert store._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+
+
+def test_a_schema_2_store_gains_the_packing_columns_and_its_queue_is_packable(tmp_path):
+    path = tmp_path / "old.db"
+    store = Store(path)
+    jobs = _jobs()
+    store.add_experiment("s-1", "s", {}, jobs)
+    for column in ("pack_key", "shape_json", "pack_id"):
+        store._db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+    store._db.execute("DROP TABLE packs")
+    store._db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    store.close()
+    store = Store(path)
+    rows = store.queued()
+    assert len(rows) == 4 and all(r["pack_id"] is None for r in rows)
+    assert [r["pack_key"] for r in rows] == [pack_key(j.config.model_dump(mode="json")) for j in jobs]
+    assert rows[0]["pack_key"] is not None and rows[0]["shape_json"] == shape_json(jobs[0].config.model_dump())
+    store.start_pack("ab" * 8, [rows[0]["id"], rows[1]["id"]])
+    assert store.pack_members("ab" * 8) == [rows[0]["id"], rows[1]["id"]]
+    assert store.job(rows[1]["id"])["pack_id"] == "ab" * 8
 
 
 def test_the_final_result_carries_the_whole_epoch_history(tmp_path):

@@ -1,0 +1,177 @@
+"""The job runner: trains one pack of jobs (K ≥ 1 members) and turns the trainer's results into job results.
+
+The one function both paths use: the in-process `train` command and every rank of a daemon's gang. It builds
+the stacked trainer, resumes from the pack's newest checkpoint every rank has, checkpoints after every epoch,
+reports each member's epochs and — as soon as it is known — its result, and lets single members be cancelled.
+
+A plugin hook that raises fails a whole stack (the trainer cannot tell which member's settings made it raise).
+A pack then splits: every member whose outcome is not yet known trains again alone, from its own checkpoints,
+so the member whose plugin fails ends alone and the others' results equal those of solo runs.
+
+Plain PyTorch: it never imports ray (the gang passes callbacks that talk to the coordinator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from l2cluster.checkpoint import JobCheckpoints
+from l2cluster.packing import pack_id as make_pack_id
+from l2cluster.trainer import RunResult, Trainer
+
+
+@dataclass
+class Member:
+    """One job of a pack: its id and validated TrainConfig."""
+
+    job_id: str
+    config: Any
+
+
+@dataclass
+class PackRun:
+    """What running a pack produced: a result dict per member job, and the epoch the pack resumed from."""
+
+    results: dict[str, dict] = field(default_factory=dict)
+    resumed_from_epoch: int = 0
+    split: bool = False  # a hook raised in the pack: the members trained again alone
+
+
+def job_result(result: RunResult, trainer: Trainer, k: int, resumed: int) -> dict:
+    """The record of one member's run that the store keeps (`Store.finish`): outcome, final metrics with the
+    sum of its parameters (a cheap fingerprint for equality checks), error and the whole epoch history."""
+    final = dict(result.final)
+    final["param_sum"] = float(sum(p.detach()[k].double().sum() for p in trainer.params.values()))
+    final["cuda_graphs"] = bool(trainer.graphs)
+    return {"outcome": result.outcome, "final": final, "error": result.error, "epochs": list(result.epochs),
+            "diverged_epoch": result.diverged_epoch, "resumed_from_epoch": resumed}
+
+
+def run_pack(
+    members: Sequence[Member],
+    splits,
+    registry,
+    *,
+    device: torch.device,
+    checkpoint_dir: str | None = None,
+    rank: int = 0,
+    world: int = 1,
+    done: Collection[str] = (),
+    on_epoch: Callable[[str, int, dict], None] | None = None,
+    on_result: Callable[[str, dict], None] | None = None,
+    cancelled: Callable[[], bool | Collection[str]] | None = None,
+    log=None,
+) -> PackRun:
+    """Train `members` as one pack on this rank; returns every member's result.
+
+    `done`: members whose outcome is already recorded (a resumed pack carries them along, their results
+    unused). `on_epoch(job_id, epoch, metrics)` and `on_result(job_id, result)` are called on rank 0 only.
+    `cancelled()` is asked before every step: True stops the pack, a collection of job ids stops those members.
+    With `checkpoint_dir` every rank saves the pack's state after each epoch but the last under the pack's id,
+    and a later run of the same members resumes from the newest epoch every rank has."""
+    ids = [m.job_id for m in members]
+    run = _train(members, splits, registry, device=device, checkpoint_dir=checkpoint_dir, rank=rank, world=world,
+                 done=done, on_epoch=on_epoch, on_result=on_result, cancelled=cancelled, log=log)
+    if run.split:
+        for m in members:
+            if m.job_id in run.results or m.job_id in done:
+                continue
+            if log is not None:
+                log.info("pack_split_member", job_id=m.job_id, pack=make_pack_id(ids)[:8])
+            solo = _train([m], splits, registry, device=device, checkpoint_dir=checkpoint_dir, rank=rank,
+                          world=world, done=(), on_epoch=on_epoch, on_result=on_result, cancelled=cancelled, log=log)
+            run.results.update(solo.results)
+    return run
+
+
+def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, done, on_epoch, on_result, cancelled,
+           log) -> PackRun:
+    ids = [m.job_id for m in members]
+    configs = [m.config for m in members]
+    pid = make_pack_id(ids)
+    epochs = configs[0].epochs
+    trainer = Trainer(configs, splits, registry, device=device)
+    if log is not None and device.type == "cuda" and not trainer.graphs:
+        reason = getattr(trainer, "graphs_off_reason", None) or trainer.graph_error or "not possible for this stack"
+        log.info("cuda_graphs_off", pack=pid[:8], reason=reason)
+    ckpt = JobCheckpoints(checkpoint_dir, pid, rank) if checkpoint_dir else None
+    resumed = _resume(trainer, ckpt, device, world) if ckpt is not None else 0
+    if resumed and log is not None:
+        log.info("pack_resumed" if len(members) > 1 else "job_resumed", epoch=resumed, pack=pid[:8])
+    skip = [k for k, j in enumerate(ids) if j in done]
+    if skip and not trainer.stop_models(skip):
+        return PackRun(resumed_from_epoch=resumed)  # nothing left to train
+    reported = set(done)
+    run = PackRun(resumed_from_epoch=resumed)
+
+    def report_ended() -> None:
+        # Members that ended early (diverged, failed by a plugin's NaN, cancelled) are reported at once: their
+        # job is over while the others go on.
+        for k, r in enumerate(trainer.results):
+            if r.outcome != "running" and ids[k] not in reported:
+                reported.add(ids[k])
+                if not r.final:
+                    trainer.finalize(k)
+                run.results[ids[k]] = res = job_result(r, trainer, k, resumed)
+                if rank == 0 and on_result is not None:
+                    on_result(ids[k], res)
+
+    def epoch_done(epoch: int, metrics: list[dict]) -> None:
+        if ckpt is not None and epoch < epochs and any(metrics):
+            ckpt.save(epoch, trainer.state_dict())
+            if world > 1:  # every rank's file is on disk before the epoch counts as done
+                dist.barrier()
+        if rank == 0 and on_epoch is not None:
+            for k, m in enumerate(metrics):
+                if m and ids[k] not in done:
+                    on_epoch(ids[k], epoch, m)
+        report_ended()
+
+    def should_stop() -> bool | list[int]:
+        asked = cancelled() if cancelled is not None else False
+        stop = [k for k, j in enumerate(ids) if asked is True or (asked and j in asked)]
+        if world > 1:  # every rank must stop the same members at the same step, or the others hang
+            flags = torch.zeros(len(ids), device=device)
+            flags[stop] = 1.0
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop = flags.nonzero().flatten().tolist()
+        if len(stop) == len(ids):
+            return True
+        return [k for k in stop if trainer.alive[k]]
+
+    results = trainer.fit(on_epoch=epoch_done, should_stop=should_stop)
+    if trainer.hook_error is not None and len(members) > 1:
+        # Which member's settings made the hook raise is unknown: every member not yet ended trains alone.
+        run.split = True
+        if ckpt is not None:
+            ckpt.remove()
+        return run
+    report_ended()
+    for k, j in enumerate(ids):
+        if j not in run.results and j not in done:
+            run.results[j] = job_result(results[k], trainer, k, resumed)
+    if ckpt is not None:  # the run is over: every outcome is final, nothing will resume it
+        ckpt.remove()
+    return run
+
+
+def _resume(trainer: Trainer, ckpt: JobCheckpoints, device, world: int) -> int:
+    """Load the newest checkpoint every rank has (0: none, start from scratch); ranks agree on the epoch."""
+    epochs = ckpt.epochs()
+    epoch = epochs[-1] if epochs else 0
+    if world > 1:
+        agreed = torch.tensor([epoch], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        epoch = int(agreed.item())
+        have = torch.tensor([int(epoch in epochs)], device=device)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        epoch = epoch if have.item() else 0
+    if epoch:
+        trainer.load_state_dict(ckpt.load(epoch))
+    return epoch
+
