@@ -150,7 +150,7 @@ class Coordinator:
             if state is JobState.QUEUED:
                 self.store.transition(row["id"], JobState.CANCELLED, detail="cancelled while queued")
                 n += 1
-            elif row["id"] in self.running:
+            elif not state.is_terminal and row["id"] in self.running:
                 running = self.running[row["id"]]
                 running.cancelled.add(row["id"])
                 packs[running.id] = running
