@@ -2,11 +2,13 @@
 
 Starts a local Ray (127.0.0.1) with a coordinator, runs an experiment of small 1- and 2-rank jobs once without
 interference (the twins), then runs the same configurations again while injecting rank kills (SIGKILL to a
-random rank of a busy gang) and coordinator kills (Ray restarts it). Prints the kills injected, the jobs
-finished, lost (never reaching a final state with a result: must be 0) and recorded twice (more than one final
-state change: must be 0), and whether every job that was resumed ends with exactly its twin's metrics.
+random rank of a busy gang) and coordinator kills (Ray restarts it). With --max-pack K (default 4) the jobs train
+in packs of up to K members, so a kill hits a whole pack, which must resume with the same members. Prints the
+kills injected, the jobs finished, lost (never reaching a final state with a result: must be 0) and recorded
+twice (more than one final state change: must be 0), and whether every job that was resumed ends with exactly
+its twin's metrics.
 
-    python bench/chaos.py --data-dir ../shared/data/mnist [--rank-kills 20] [--coordinator-kills 2]
+    python bench/chaos.py --data-dir ../shared/data/mnist [--rank-kills 20] [--coordinator-kills 2] [--max-pack 4]
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ def outcome(store: Store, job_id: str):
     return result["outcome"], final, epochs
 
 
+def progress(store: Store, gang: dict) -> int:
+    """The epoch a gang's pack has reached (its members train in lockstep)."""
+    return max(store.job(j)["epoch"] for j in gang["jobs"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir")
@@ -71,11 +78,13 @@ def main(argv=None) -> int:
     p.add_argument("--coordinator-kills", type=int, default=2)
     p.add_argument("--every-s", type=float, default=1.0, help="pause between kill attempts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-pack", type=int, default=4, help="members per pack (1: every job alone)")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     store_path = Path(tempfile.mkdtemp(prefix="l2c-chaos-")) / "store.db"
     start_local_ray(num_cpus=4)
-    handle = start_coordinator(store_path, data_dir=args.data_dir, idle_release_s=600, detached=False)
+    handle = start_coordinator(store_path, data_dir=args.data_dir, idle_release_s=600, detached=False,
+                               max_pack=args.max_pack)
     store = Store(store_path)
     try:
         t0 = time.perf_counter()
@@ -104,22 +113,21 @@ def main(argv=None) -> int:
                 continue
             # Kill mid-run: a job past its first checkpoint (so it must resume, not restart) that has made progress
             # since it was last killed; jobs not yet killed first, so the kills spread over the experiment.
-            busy = [g for g in call(handle, "gangs_info") if g["busy"] and g["job"] and g["ranks"]
-                    and store.job(g["job"])["epoch"] > max(0, last_kill_epoch.get(g["job"], 0))]
+            busy = [g for g in call(handle, "gangs_info") if g["busy"] and g["jobs"] and g["ranks"]
+                    and progress(store, g) > max(0, last_kill_epoch.get(g["job"], 0))]
             if not busy:
                 continue
             fresh = [g for g in busy if g["job"] not in last_kill_epoch]
             gang = rng.choice(fresh or busy)
-            last_kill_epoch[gang["job"]] = store.job(gang["job"])["epoch"]
+            last_kill_epoch[gang["job"]] = epoch = progress(store, gang)
             rank = rng.choice(gang["ranks"])
             try:
                 os.kill(rank["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 continue
             rank_kills += 1
-            epoch = store.job(gang["job"])["epoch"]
-            print(f"  SIGKILL rank {rank['rank']} (pid {rank['pid']}) of job {gang['job']} after epoch {epoch}",
-                  flush=True)
+            print(f"  SIGKILL rank {rank['rank']} (pid {rank['pid']}) of pack {gang['job'][:8]} "
+                  f"({len(gang['jobs'])} job(s)) after epoch {epoch}", flush=True)
         wall = time.perf_counter() - t0
 
         jobs = call(handle, "status", exp)
@@ -135,11 +143,13 @@ def main(argv=None) -> int:
         states = {}
         for j in jobs:
             states[j["state"]] = states.get(j["state"], 0) + 1
-        print(f"chaos: {len(jobs)} jobs (1- and 2-rank) in {wall:.1f} s")
+        packs = {j["pack"] for j in jobs}
+        print(f"chaos: {len(jobs)} jobs (1- and 2-rank) in {len(packs)} pack(s) of up to {args.max_pack} in "
+              f"{wall:.1f} s")
         print(f"kills injected: {rank_kills} rank SIGKILLs, {coordinator_kills} coordinator kills")
         print(f"jobs finished: {len(finished)} ({states}); jobs lost: {len(jobs) - len(finished)}; "
               f"jobs recorded twice: {len(twice)}")
-        print(f"jobs whose ranks were killed: {len(last_kill_epoch)}; jobs resumed: {len(resumed)} (attempts > 1), "
+        print(f"packs whose ranks were killed: {len(last_kill_epoch)}; jobs resumed: {len(resumed)} (attempts > 1), "
               f"{len(from_checkpoint)} of them from a checkpoint; "
               f"max attempts of a job: {max(j['attempts'] for j in jobs)}")
         print(f"every job's final and per-epoch metrics equal its uninterrupted twin: {not mismatched}"

@@ -175,7 +175,9 @@ class Coordinator:
                 infos = await asyncio.gather(*[w.info.remote() for w in g.workers]) if g.ready else []
             except RayError:  # a rank just died: the gang is being dropped
                 continue
-            out.append({"gang": g.id, "shape": g.shape.__dict__, "busy": g.busy, "job": g.job_id, "ranks": infos})
+            members = [j for j, r in self.running.items() if r.gang is g]
+            out.append({"gang": g.id, "shape": g.shape.__dict__, "busy": g.busy, "job": g.job_id, "jobs": members,
+                        "ranks": infos})
         return out
 
     async def report_epoch(self, job_id: str, epoch: int, metrics: dict) -> None:
