@@ -4,7 +4,8 @@ Runs a local Ray (127.0.0.1) with a coordinator, queues N tiny one-rank jobs tha
 (so they run back to back on warm processes), and prints, from the store's timestamps:
   - submit → first job start, and job end → next job start (the coordinator's scheduling gap), median / p90;
   - each job's time on the gang minus its training time (worker-side set-up: config, split, model);
-then submits a 10,000-job sweep, times its acceptance, reads the coordinator's resident memory, and cancels it.
+then submits a 10,000-job sweep, times its acceptance, reads the coordinator's resident memory, measures the
+scheduling gap while the whole sweep is queued, and cancels it.
 
     python bench/daemon_overhead.py --data-dir ../shared/data/mnist [--jobs 60]
 """
@@ -71,9 +72,16 @@ def main(argv=None) -> int:
         accept_s = time.perf_counter() - t
         pid = ray.get(handle.ping.remote())["pid"]
         rss = _rss_mib(pid)
-        ray.get(handle.cancel.remote(big["experiment"]))
         print(f"{args.sweep}-job sweep accepted in {accept_s:.2f} s; coordinator resident memory after it: "
-              f"{rss:.0f} MiB")
+              f"{rss:.0f} MiB", flush=True)
+        # Scheduling with the whole sweep queued: every tick reads the queue; it must not validate each config.
+        while len(ran := [j for j in store.jobs(big["experiment"]) if j["finished_at"]]) < 21:
+            time.sleep(0.2)
+        ran.sort(key=lambda j: j["started_at"])
+        gaps = [b["started_at"] - a["finished_at"] for a, b in zip(ran, ran[1:])]
+        print(f"job end → next job start with {args.sweep - len(ran)} jobs queued: median "
+              f"{statistics.median(gaps) * 1e3:.1f} ms, p90 {pct(gaps, 0.9) * 1e3:.1f} ms")
+        ray.get(handle.cancel.remote(big["experiment"]))
     finally:
         ray.get(handle.shutdown.remote(), timeout=30)
         ray.shutdown()
