@@ -252,18 +252,23 @@ def main(argv=None) -> int:
             stages["control"] = run_stage(coordinator, control, args.stage_timeout_s)
             print(describe(f"unpacked control {len(control_strengths)} × {len(control_seeds)}", stages["control"]))
             report["control_vs_packed"] = compare(stages["sweep"], stages["control"], set(control_seeds))
-    finally:
+    finally:  # the numbers first, then the daemon: an interrupted run (a time limit's SIGINT) keeps what finished
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+        summarize(report)
         if own_home:
-            stopped = cli("daemon", "stop", timeout=120)
-            print(stopped.stdout.strip() or stopped.stderr.strip(), flush=True)
+            import ray
+
+            from l2cluster import daemon
+
+            ray.shutdown()  # leave the cluster while it is up: a driver whose cluster is gone hangs at exit
+            # What `l2cluster daemon stop` does, without starting another Python (and torch) to do it.
+            print("local daemon stopped" if daemon.stop_local_daemon() else "no local daemon was running", flush=True)
             log = Path(own_home) / "daemon.log"
             if args.daemon_log and log.exists():
                 shutil.copyfile(log, args.daemon_log)
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=1, default=str))
-        summarize(report)  # also when a stage failed or the run was interrupted: what finished is worth seeing
-        if own_home and not args.home:
-            shutil.rmtree(own_home, ignore_errors=True)
+            if not args.home:
+                shutil.rmtree(own_home, ignore_errors=True)
     return 0 if all(st["num_succeeded"] == st["num_jobs"] for st in report["stages"].values()) else 1
 
 

@@ -22,7 +22,7 @@ OUT=${OUT:-$(mktemp -d)}
 WORK=${WORK:-/tmp/l2c-device}
 DATA=${DATA:-.devdata/mnist}
 STEPS=${STEPS:-tests pack sweep}
-T_TESTS=${T_TESTS:-90} T_PACK=${T_PACK:-90} T_SWEEP=${T_SWEEP:-270}
+T_TESTS=${T_TESTS:-75} T_PACK=${T_PACK:-75} T_SWEEP=${T_SWEEP:-240}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 started=$(date +%s)
@@ -71,7 +71,7 @@ step() {  # step NAME LIMIT_S COMMAND... : run with a time limit (SIGINT first, 
   case " $STEPS " in *" $name "*) ;; *) summary+=("$name: skipped (STEPS)"); return ;; esac
   echo; echo "== $name (limit ${limit} s): $*"
   local t rc; t=$(date +%s)
-  timeout -s INT -k 20 "$limit" "$@" >"$OUT/$name.log" 2>&1; rc=$?
+  timeout -s INT -k 30 "$limit" "$@" >"$OUT/$name.log" 2>&1; rc=$?
   tail -n 25 "$OUT/$name.log"
   local note=""; [ "$rc" = 124 ] || [ "$rc" = 137 ] && note=" (hit its time limit)"
   summary+=("$name: exit $rc in $(( $(date +%s) - t )) s$note")
