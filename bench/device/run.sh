@@ -55,8 +55,8 @@ fi
   nproc; df -h /dev/shm /tmp 2>&1 | tail -n +2
   "$PY" - <<'PY'
 import sys, torch
-print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
-      "| available", torch.cuda.is_available(), "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "|", gpu)
 import l2cluster, l2cluster.plugins, pydantic, ray, structlog
 print("ray", ray.__version__, "| pydantic", pydantic.__version__, "| structlog", structlog.__version__,
       "| l2cluster from", l2cluster.__file__, "| plugins from", l2cluster.plugins.__path__[0])
@@ -91,10 +91,10 @@ rm -rf "$home"
 # The sweep's jobs get at most T_SWEEP - 100 s: daemon start, warm-up, one job and the control take the rest.
 # shellcheck disable=SC2086
 step sweep "$T_SWEEP" "$PY" bench/gpu_sweep.py --data-dir "$DATA" --device cuda --home "$home" \
-  --sweep-timeout-s $(( T_SWEEP > 160 ? T_SWEEP - 100 : T_SWEEP / 2 )) --json "$OUT/gpu_sweep.json" --daemon-log "$OUT/daemon.log" \
-  ${MAX_PACK:+--max-pack $MAX_PACK} ${SWEEP_ARGS:-}
+  --sweep-timeout-s $(( T_SWEEP > 160 ? T_SWEEP - 100 : T_SWEEP / 2 )) \
+  --json "$OUT/gpu_sweep.json" --daemon-log "$OUT/daemon.log" ${MAX_PACK:+--max-pack $MAX_PACK} ${SWEEP_ARGS:-}
 # A daemon left behind by a killed run (it runs in its own session, so `timeout` does not reach it).
-[ -d "$home" ] && L2CLUSTER_HOME=$home timeout 60 "$PY" -m l2cluster.cli daemon stop 2>&1 | grep -v "no local daemon"
+[ -f "$home/daemon.json" ] && L2CLUSTER_HOME=$home timeout 60 "$PY" -m l2cluster.cli daemon stop
 [ -f "$OUT/daemon.log" ] || cp "$home/daemon.log" "$OUT/daemon.log" 2>/dev/null
 
 # -- summary (last, so the tool's output tail holds it) ------------------------------------------------------------
