@@ -226,7 +226,9 @@ def run_l2cluster(args, work: Path, max_pack: int | None, env: dict) -> dict:
     (work / "stdout.txt").write_text(proc.stdout)
     (work / "stderr.txt").write_text(proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}; its stderr ends:\n{proc.stderr[-2000:]}")
+        last = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        raise RuntimeError(f"`l2cluster run` exited {proc.returncode}: {last}\n  command: {' '.join(cmd)}\n"
+                           f"  stderr ends:\n{proc.stderr[-2000:]}")
     store = Store.open_read_only(store_path)
     try:
         jobs = store.jobs()
@@ -319,11 +321,16 @@ def main(argv=None) -> int:
             args.torchvision_root = torchvision_root(args.data_dir)
         for way in ways:
             print(f"running ({way}) {WAYS[way]} …", file=sys.stderr, flush=True)
-            if way in ("a", "b"):
-                run = run_tune(way, args, work / "tune")
-            else:
-                pack = (1 if pack_flag else None) if way == "c" else args.max_pack
-                run = run_l2cluster(args, work / f"l2cluster-{way}", pack, l2cluster_env)
+            try:
+                if way in ("a", "b"):
+                    run = run_tune(way, args, work / "tune")
+                else:
+                    pack = (1 if pack_flag else None) if way == "c" else args.max_pack
+                    run = run_l2cluster(args, work / f"l2cluster-{way}", pack, l2cluster_env)
+            except Exception as e:  # one broken way must not lose the others' figures
+                print(f"  ({way}) failed: {e}", file=sys.stderr, flush=True)
+                notes.append(f"({way}) {WAYS[way]} failed: {str(e).splitlines()[0]}")
+                continue
             accs = run["test_accs"]
             run.update(name=WAYS[way], jobs_per_min=60 * run["jobs"] / run["wall_s"],
                        test_acc_mean=sum(accs) / len(accs) if accs else None)
