@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     notes = []
     pack_flag = has_max_pack() if {"c", "d"} & set(ways) else True
     if not pack_flag:
-        notes.append("this l2cluster's `run` has no --max-pack yet: (c) ran without it, (d) was skipped")
+        notes.append("this l2cluster's `run` has no --max-pack yet: (c) runs without it, (d) is skipped")
         ways = [w for w in ways if w != "d"]
     print(f"sweep: {len(args.strengths)} strengths × {len(args.seeds)} seeds = {num_jobs} jobs; "
           f"MLP 784-{'-'.join(map(str, args.hidden))}-10, {args.train_size} images, {args.epochs} epochs, "
