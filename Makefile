@@ -2,16 +2,18 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 # Tests and the demo read MNIST from ../shared/data/mnist when it is there; elsewhere l2cluster downloads it.
 DATA   ?= $(wildcard ../shared/data/mnist)
 DATA_ARG := $(if $(DATA),--data-dir $(DATA),)
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 # The image (deploy/Dockerfile) is tagged with l2cluster's version and the Ray pinned in pyproject.toml.
 VERSION     := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 RAY_VERSION := $(shell sed -n 's/^ *"ray\(\[[a-z,]*\]\)\{0,1\}==\([0-9.]*\)".*/\2/p' pyproject.toml)
 IMAGE       ?= l2cluster:$(VERSION)-ray$(RAY_VERSION)
 
-.PHONY: install demo test test-all lint bench docker clean
+.PHONY: install demo test test-all lint bench bench-sweep docker clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +34,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/reference_vs_l2cluster.py $(DATA_ARG)
+
+# The same sweep on Ray Tune (two loops) and on l2cluster (unpacked, packed); needs the `bench` extra (Ray Tune).
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench-sweep: $(BENCH_STAMP)
+	$(PY) bench/sweep_throughput.py $(DATA_ARG) $(BENCH_ARGS)
 
 # Needs Docker (not available on the development machines): see deploy/README.md.
 docker:
