@@ -395,6 +395,8 @@ def cmd_logs(args) -> int:
         print(f"{at}  {e['from'] or '-':>9} → {e['to']:<9} attempt {e['attempt']}  {e['detail'] or ''}".rstrip())
     for m in info["epochs"]:
         print("epoch " + " ".join(f"{k}={_round(v)}" for k, v in m.items() if k != "epoch") + f" [{m['epoch']}]")
+    if info["result"] and info["result"]["final"].get("eager_reason"):
+        print(f"note: trained without CUDA graphs: {info['result']['final']['eager_reason']}")
     if info["result"] and info["result"]["error"]:
         print(f"error: {info['result']['error']}")
     return 0

@@ -48,6 +48,8 @@ def job_result(result: RunResult, trainer: Trainer, k: int, resumed: int) -> dic
     final = dict(result.final)
     final["param_sum"] = float(sum(p.detach()[k].double().sum() for p in trainer.params.values()))
     final["cuda_graphs"] = bool(trainer.graphs)
+    if trainer.device.type == "cuda" and not trainer.graphs:  # said in `l2cluster logs JOB`
+        final["eager_reason"] = _eager_reason(trainer)
     return {"outcome": result.outcome, "final": final, "error": result.error, "epochs": list(result.epochs),
             "diverged_epoch": result.diverged_epoch, "resumed_from_epoch": resumed}
 
@@ -97,8 +99,7 @@ def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, do
     epochs = configs[0].epochs
     trainer = Trainer(configs, splits, registry, device=device)
     if log is not None and device.type == "cuda" and not trainer.graphs:
-        reason = getattr(trainer, "graphs_off_reason", None) or trainer.graph_error or "not possible for this stack"
-        log.info("cuda_graphs_off", pack=pid[:8], reason=reason)
+        log.info("cuda_graphs_off", pack=pid[:8], reason=_eager_reason(trainer))
     ckpt = JobCheckpoints(checkpoint_dir, pid, rank) if checkpoint_dir else None
     resumed = _resume(trainer, ckpt, device, world) if ckpt is not None else 0
     if resumed and log is not None:
@@ -158,6 +159,11 @@ def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, do
     if ckpt is not None:  # the run is over: every outcome is final, nothing will resume it
         ckpt.remove()
     return run
+
+
+def _eager_reason(trainer: Trainer) -> str:
+    """Why a run on a GPU trained without CUDA graphs (same results, slower)."""
+    return getattr(trainer, "graphs_off_reason", None) or trainer.graph_error or "not possible for this stack"
 
 
 def _resume(trainer: Trainer, ckpt: JobCheckpoints, device, world: int) -> int:
