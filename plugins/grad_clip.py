@@ -44,12 +44,11 @@ class GradClip(Regularizer):
     def on_gradients(self, params, hp):
         grads = [p.grad for p in params.values() if p.grad is not None]
         if hp.mode == "value":
-            limit = hp.max_value
-            for g in grads:
-                lim = limit.view(-1, *([1] * (g.dim() - 1)))
+            limits = [hp.max_value.view(-1, *([1] * (g.dim() - 1))) for g in grads]
+            # Counted before clamping (afterwards no element exceeds the limit).
+            clipped = torch.stack([(g.abs() > lim).flatten(1).any(1) for g, lim in zip(grads, limits)]).any(0)
+            for g, lim in zip(grads, limits):
                 torch.clamp(g, min=-lim, max=lim, out=g)
-            clipped = torch.stack([(g.abs() > limit.view(-1, *([1] * (g.dim() - 1)))).flatten(1).any(1)
-                                   for g in grads]).any(0)
             return {"clipped": clipped}
         p = float(hp.shared("norm_type"))
         # Per-model norm over all parameters: the p-norm of the per-parameter p-norms.

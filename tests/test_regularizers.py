@@ -100,10 +100,11 @@ def test_grad_clip_value_clamps_elementwise():
     cfg = info.config_model(name="grad_clip", mode="value", max_value=0.5)
     params = _stacked_grads([3.0, 0.01])
     before = {n: p.grad.clone() for n, p in params.items()}
-    info.hooks["on_gradients"](params=params, hp=HyperParams([cfg] * 2, dtype=torch.float64, device="cpu"))
+    out = info.hooks["on_gradients"](params=params, hp=HyperParams([cfg] * 2, dtype=torch.float64, device="cpu"))
     for n, p in params.items():
         assert float(p.grad.abs().max()) <= 0.5
         assert torch.equal(p.grad, before[n].clamp(-0.5, 0.5))
+    assert out["clipped"].tolist() == [True, False]  # counted before the clamp, which leaves nothing above it
 
 
 def test_grad_clip_nonfinite_norm_skips_only_that_model():
