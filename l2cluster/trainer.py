@@ -147,7 +147,10 @@ class Trainer:
             self.plugins.append((info, hp))
         self._with = {h: [(i, hp) for i, hp in self.plugins if h in i.hooks]
                       for h in ("penalty", "on_activation", "on_gradients", "before_step", "after_step")}
-        self.graphs = self._graphs_possible() if cuda_graphs is None else bool(cuda_graphs and self._graphs_possible())
+        # Why this trainer replays no CUDA graph (None while it does): for the job's log.
+        self.graphs_off_reason = (self._graphs_off_reason() if cuda_graphs is not False
+                                  else "turned off by the caller (cuda_graphs=False)")
+        self.graphs = self.graphs_off_reason is None
         # A gradient hook may skip some models' steps. Where reading that mask is free (CPU) the host decides;
         # on a GPU it would wait for the device every step (and cannot be captured), so the skipped models are
         # put back by a device-side mask instead (see _snapshot_whole).
@@ -445,13 +448,21 @@ class Trainer:
         return probe.errors(models, epoch)
 
     # -- CUDA graphs ----------------------------------------------------------------------------------------
-    def _graphs_possible(self) -> bool:
+    def _graphs_off_reason(self) -> str | None:
         """One job is bound by kernel launches on a GPU (~110 per step); replaying a captured step removes them.
-        Possible on CUDA in one process when no hook needs the step's Python values: no gradient hook (it may
-        skip steps, a host-side decision) and no hook taking `epoch` or `step` (they would be frozen)."""
-        if self.device.type != "cuda" or self.world != 1 or self._with["on_gradients"]:
-            return False
-        return not any({"epoch", "step"} & set(h.args) for info, _ in self.plugins for h in info.hooks.values())
+        Possible on CUDA in one process when no hook takes `epoch` or `step` (their values would be frozen into
+        the graph). Returns why not, or None. A hook that reads device values on the host fails the capture
+        instead (_graph_step), and that reason replaces this one."""
+        if self.device.type != "cuda":
+            return f"not on a CUDA device ({self.device.type})"
+        if self.world != 1:
+            return f"DDP with {self.world} processes (the all-reduce runs between steps)"
+        for info, _ in self.plugins:
+            for name, h in info.hooks.items():
+                frozen = sorted({"epoch", "step"} & set(h.args))
+                if frozen:
+                    return f"plugin {info.name!r}, hook {name!r} takes {' and '.join(frozen)} (a graph would freeze it)"
+        return None
 
     def _graph_step(self, idx: torch.Tensor, batch: int, epoch: int) -> None:
         if self._graph is None and self._eager_steps_before_capture > 0:
@@ -477,6 +488,7 @@ class Trainer:
                                self._lr_k, self._sums, self._counters)
             except RuntimeError as e:  # something in the step cannot be captured: train eagerly instead
                 self.graphs, self.graph_error, self.step_count = False, f"{type(e).__name__}: {e}", steps
+                self.graphs_off_reason = f"capture failed: {self.graph_error}"
                 torch.cuda.synchronize()
                 self._step(self.train_x[idx], self.train_y[idx], batch, epoch, self._lr_k, self._sums,
                            self._counters)

@@ -32,7 +32,8 @@ class GradClip(Regularizer):
         max_value: float = Field(1.0, gt=0)
         """Value mode: each gradient element is clamped to [-max_value, max_value]."""
         on_nonfinite: Literal["skip", "fail"] = "skip"
-        """What to do when a model's gradient norm is inf or NaN: skip that model's step, or fail the job."""
+        """What to do when a model's gradient norm is inf or NaN: skip that model's step, or fail the job ("fail"
+        reads the norm on the host every step, so the job trains without CUDA graphs)."""
 
         @model_validator(mode="after")
         def _finite(self):
@@ -55,6 +56,11 @@ class GradClip(Regularizer):
         per_param = torch.stack([torch.linalg.vector_norm(g.flatten(1), ord=p, dim=1) for g in grads])
         norm = torch.linalg.vector_norm(per_param, ord=p, dim=0)  # [K]
         finite = torch.isfinite(norm)
+        if hp.on_nonfinite == "fail" and norm.is_cuda and torch.cuda.is_current_stream_capturing():
+            # Raising needs the norm on the host: a wait for the GPU, which a CUDA graph cannot hold. The trainer
+            # catches this, trains eagerly and logs the reason.
+            raise RuntimeError("on_nonfinite: fail reads the gradient norm on the host every step, which a CUDA "
+                               "graph cannot capture; use on_nonfinite: skip to train under CUDA graphs")
         if hp.on_nonfinite == "fail" and not bool(finite.all()):
             bad = (~finite).nonzero().flatten().tolist()
             raise NonFiniteGradients(f"gradient norm is not finite for model(s) {bad}: {norm.tolist()}")

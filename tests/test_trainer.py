@@ -123,6 +123,11 @@ def test_only_compatible_configs_stack():
         Trainer([a, c], synthetic_splits(), registry(), device="cpu")
 
 
+def test_a_trainer_says_why_it_replays_no_cuda_graph():
+    trainer = Trainer([config(**SMALL)], synthetic_splits(), registry(), device="cpu")
+    assert not trainer.graphs and trainer.graphs_off_reason == "not on a CUDA device (cpu)"
+
+
 def test_real_mnist_one_epoch_reaches_90_percent(shared_mnist_dir):
     if shared_mnist_dir is None:
         pytest.skip("../shared/data/mnist is not here")
