@@ -155,6 +155,11 @@ class Trainer:
         # on a GPU it would wait for the device every step (and cannot be captured), so the skipped models are
         # put back by a device-side mask instead (see _snapshot_whole).
         self._skip_on_host = self.device.type != "cuda"
+        if self.device.type == "cuda":
+            # cuBLAS and cuDNN read process-wide flags: set them for this run (a worker trains one stack at a
+            # time). Both always, as cuDNN's default is on.
+            torch.backends.cuda.matmul.allow_tf32 = cfg.model.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.model.tf32
         # Under CUDA graphs the optimizer's step count and lr live on the device (capturable), so one captured
         # step serves every step and every scheduled lr.
         self.optimizer = build_optimizer(cfg.optimizer, list(self.params.values()), capturable=self.graphs)

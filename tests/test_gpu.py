@@ -1,5 +1,5 @@
 """The trainer on a CUDA GPU: same results as the CPU in float64, stacked training, fast data on the device,
-every built-in regularizer under CUDA graphs (skipped steps included). Skipped where there is no GPU."""
+every built-in regularizer under CUDA graphs (skipped steps included), TF32. Skipped where there is no GPU."""
 
 from __future__ import annotations
 
@@ -133,6 +133,31 @@ def test_models_with_nonfinite_gradients_are_skipped_inside_the_cuda_graph():
     for n, p in params_of(alone, 0).items():
         assert torch.equal(p.cpu(), params_of(Trainer(_skipping(reg, when=(2,)), splits, reg, device="cpu"), 0)[n])
     assert all(int(s["step"]) == 0 for s in alone.optimizer.state.values())
+
+
+def test_tf32_changes_float32_numbers_slightly_and_float64_not_at_all():
+    splits = synthetic_splits(n_train=64 * 20)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for dtype in ("float32", "float64"):
+            runs = []
+            for tf32 in (False, True):
+                cfg = config(**{**GRAPHABLE, "epochs": 1, "regularizers": [{"name": "l2", "strength": 1e-3}],
+                                "model": {"hidden_sizes": [256, 128], "dtype": dtype, "tf32": tf32}})
+                trainer = Trainer([cfg], splits, registry(), device="cuda")
+                assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+                (r,) = trainer.fit()
+                assert trainer.graphs, trainer.graphs_off_reason
+                runs.append((params_of(trainer), r.final["val_loss"]))
+            (p_off, loss_off), (p_on, loss_on) = runs
+            same = all(torch.equal(p_off[n], p_on[n]) for n in p_off)
+            if dtype == "float64":
+                assert same and loss_on == loss_off
+            else:
+                assert not same and loss_on != loss_off
+                assert loss_on == pytest.approx(loss_off, rel=2e-2)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def test_grad_clip_failing_on_nonfinite_gradients_trains_eagerly_and_says_why():
