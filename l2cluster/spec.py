@@ -97,6 +97,9 @@ class ModelConfig(_Strict):
     """Nonlinearity after every hidden layer."""
     dtype: Literal["float32", "float64"] = "float32"
     """Parameter and compute dtype; float64 is for exactness tests."""
+    tf32: bool = False
+    """float32 matmuls on Ampere and newer GPUs use TF32 tensor cores: faster, ~1e-3 relative error. No effect
+    on the CPU or in float64. Part of the job's identity (it changes the numbers)."""
 
 
 class DataConfig(_Strict):

@@ -138,7 +138,19 @@ class Trainer:
             self.plugins.append((info, hp))
         self._with = {h: [(i, hp) for i, hp in self.plugins if h in i.hooks]
                       for h in ("penalty", "on_activation", "on_gradients", "before_step", "after_step")}
-        self.graphs = self._graphs_possible() if cuda_graphs is None else bool(cuda_graphs and self._graphs_possible())
+        # Why this trainer replays no CUDA graph (None while it does): for the job's log.
+        self.graphs_off_reason = (self._graphs_off_reason() if cuda_graphs is not False
+                                  else "turned off by the caller (cuda_graphs=False)")
+        self.graphs = self.graphs_off_reason is None
+        # A gradient hook may skip some models' steps. Where reading that mask is free (CPU) the host decides;
+        # on a GPU it would wait for the device every step (and cannot be captured), so the skipped models are
+        # put back by a device-side mask instead (see _snapshot_whole).
+        self._skip_on_host = self.device.type != "cuda"
+        if self.device.type == "cuda":
+            # cuBLAS and cuDNN read process-wide flags: set them for this run (a worker trains one stack at a
+            # time). Both always, as cuDNN's default is on.
+            torch.backends.cuda.matmul.allow_tf32 = cfg.model.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.model.tf32
         # Under CUDA graphs the optimizer's step count and lr live on the device (capturable), so one captured
         # step serves every step and every scheduled lr.
         self.optimizer = build_optimizer(cfg.optimizer, list(self.params.values()), capturable=self.graphs)
@@ -453,13 +465,21 @@ class Trainer:
         return probe.errors(models, epoch)
 
     # -- CUDA graphs ----------------------------------------------------------------------------------------
-    def _graphs_possible(self) -> bool:
+    def _graphs_off_reason(self) -> str | None:
         """One job is bound by kernel launches on a GPU (~110 per step); replaying a captured step removes them.
-        Possible on CUDA in one process when no hook needs the step's Python values: no gradient hook (it may
-        skip steps, a host-side decision) and no hook taking `epoch` or `step` (they would be frozen)."""
-        if self.device.type != "cuda" or self.world != 1 or self._with["on_gradients"]:
-            return False
-        return not any({"epoch", "step"} & set(h.args) for info, _ in self.plugins for h in info.hooks.values())
+        Possible on CUDA in one process when no hook takes `epoch` or `step` (their values would be frozen into
+        the graph). Returns why not, or None. A hook that reads device values on the host fails the capture
+        instead (_graph_step), and that reason replaces this one."""
+        if self.device.type != "cuda":
+            return f"not on a CUDA device ({self.device.type})"
+        if self.world != 1:
+            return f"DDP with {self.world} processes (the all-reduce runs between steps)"
+        for info, _ in self.plugins:
+            for name, h in info.hooks.items():
+                frozen = sorted({"epoch", "step"} & set(h.args))
+                if frozen:
+                    return f"plugin {info.name!r}, hook {name!r} takes {' and '.join(frozen)} (a graph would freeze it)"
+        return None
 
     def _graph_step(self, idx: torch.Tensor, batch: int, epoch: int) -> None:
         if self._graph is None and self._eager_steps_before_capture > 0:
@@ -485,6 +505,7 @@ class Trainer:
                                self._lr_k, self._sums, self._counters)
             except RuntimeError as e:  # something in the step cannot be captured: train eagerly instead
                 self.graphs, self.graph_error, self.step_count = False, f"{type(e).__name__}: {e}", steps
+                self.graphs_off_reason = f"capture failed: {self.graph_error}"
                 torch.cuda.synchronize()
                 self._step(self.train_x[idx], self.train_y[idx], batch, epoch, self._lr_k, self._sums,
                            self._counters)
@@ -537,10 +558,12 @@ class Trainer:
             snapshot = None
             if skip is not None:
                 counters["skipped"] += skip.to(torch.float64)
-                if bool(skip.all()):
+                if not self._skip_on_host:
+                    snapshot = self._snapshot_whole()
+                elif bool(skip.all()):
                     self._after_step_bookkeeping(sums, ce, logits, y, loss, gnorm)
                     return
-                if bool(skip.any()):
+                elif bool(skip.any()):
                     snapshot = self._snapshot(skip)
             for info, hp in self._with["before_step"]:
                 ok = _all_finite(self.params.values()) if probe is not None else None
@@ -558,7 +581,7 @@ class Trainer:
                 if probe is not None:
                     probe.saw(ok & _any_nan(self.params.values()), info.name, "after_step:made the parameters NaN")
             if snapshot is not None:
-                self._restore(skip, snapshot)
+                (self._restore if self._skip_on_host else self._restore_masked)(skip, snapshot)
             self._after_step_bookkeeping(sums, ce, logits, y, loss, gnorm)
 
     @torch.no_grad()
@@ -582,7 +605,7 @@ class Trainer:
 
     def _stacked_state(self, p: torch.Tensor) -> list[torch.Tensor]:
         return [v for v in self.optimizer.state.get(p, {}).values()
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.K]
+                if isinstance(v, torch.Tensor) and _stacked(v, self.K)]
 
     def _snapshot(self, skip: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Copies of the skipped models' slices of parameters and optimizer state (rare: non-finite grads).
@@ -606,6 +629,32 @@ class Trainer:
                     s[skip] = 0
             else:
                 t.detach()[skip] = value
+
+    def _snapshot_whole(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """_snapshot without reading the mask on the host: copies of every parameter and optimizer state tensor,
+        taken on every step a gradient hook can skip (on a GPU a few device-side copies, capturable)."""
+        saved: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        for p in self.params.values():
+            saved.append((p.detach(), p.detach().clone()))
+            state = self.optimizer.state.get(p)
+            if state:
+                saved += [(v, v.clone()) for v in state.values() if isinstance(v, torch.Tensor)]
+            else:
+                saved.append((p, None))
+        return saved
+
+    def _restore_masked(self, skip: torch.Tensor, snapshot) -> None:
+        """Put the skipped models back by torch.where, with the results of _snapshot + _restore: their slices as
+        before the step, a fresh (zero) state where there was none, and a scalar state shared by the stack
+        (Adam's step count) rolled back only when every model skipped, as if no step had run."""
+        every = skip.all()
+        for t, value in snapshot:
+            if value is None:  # the optimizer state was created by this step
+                for s in self.optimizer.state.get(t, {}).values():
+                    if isinstance(s, torch.Tensor):
+                        s.masked_fill_(_per_model(skip, s) if _stacked(s, self.K) else every, 0)
+            else:
+                torch.where(_per_model(skip, t) if _stacked(t, self.K) else every, value, t, out=t)
 
     def _schedule(self, val_loss: torch.Tensor, alive: torch.Tensor) -> None:
         if self.scheduler is None:
@@ -649,6 +698,16 @@ class Trainer:
 
 
 _NO_EVENT = 2**62
+
+
+def _stacked(t: torch.Tensor, K: int) -> bool:
+    """Does this tensor hold one slice per model ([K, …]), rather than a value shared by the stack?"""
+    return t.dim() > 0 and t.shape[0] == K
+
+
+def _per_model(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-model mask [K] shaped to broadcast against a stacked tensor [K, …]."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,8 @@ class GradClip(Regularizer):
         max_value: float = Field(1.0, gt=0)
         """Value mode: each gradient element is clamped to [-max_value, max_value]."""
         on_nonfinite: Literal["skip", "fail"] = "skip"
-        """What to do when a model's gradient norm is inf or NaN: skip that model's step, or fail the job."""
+        """What to do when a model's gradient norm is inf or NaN: skip that model's step, or fail the job ("fail"
+        reads the norm on the host every step, so the job trains without CUDA graphs)."""
 
         @model_validator(mode="after")
         def _finite(self):
@@ -44,18 +45,22 @@ class GradClip(Regularizer):
     def on_gradients(self, params, hp):
         grads = [p.grad for p in params.values() if p.grad is not None]
         if hp.mode == "value":
-            limit = hp.max_value
-            for g in grads:
-                lim = limit.view(-1, *([1] * (g.dim() - 1)))
+            limits = [hp.max_value.view(-1, *([1] * (g.dim() - 1))) for g in grads]
+            # Counted before clamping (afterwards no element exceeds the limit).
+            clipped = torch.stack([(g.abs() > lim).flatten(1).any(1) for g, lim in zip(grads, limits)]).any(0)
+            for g, lim in zip(grads, limits):
                 torch.clamp(g, min=-lim, max=lim, out=g)
-            clipped = torch.stack([(g.abs() > limit.view(-1, *([1] * (g.dim() - 1)))).flatten(1).any(1)
-                                   for g in grads]).any(0)
             return {"clipped": clipped}
         p = float(hp.shared("norm_type"))
         # Per-model norm over all parameters: the p-norm of the per-parameter p-norms.
         per_param = torch.stack([torch.linalg.vector_norm(g.flatten(1), ord=p, dim=1) for g in grads])
         norm = torch.linalg.vector_norm(per_param, ord=p, dim=0)  # [K]
         finite = torch.isfinite(norm)
+        if hp.on_nonfinite == "fail" and norm.is_cuda and torch.cuda.is_current_stream_capturing():
+            # Raising needs the norm on the host: a wait for the GPU, which a CUDA graph cannot hold. The trainer
+            # catches this, trains eagerly and logs the reason.
+            raise RuntimeError("on_nonfinite: fail reads the gradient norm on the host every step, which a CUDA "
+                               "graph cannot capture; use on_nonfinite: skip to train under CUDA graphs")
         if hp.on_nonfinite == "fail" and not bool(finite.all()):
             bad = (~finite).nonzero().flatten().tolist()
             raise NonFiniteGradients(f"gradient norm is not finite for model(s) {bad}: {norm.tolist()}")

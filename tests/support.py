@@ -7,15 +7,45 @@ import functools
 import time
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from l2cluster.data import Splits
-from l2cluster.registry import load_registry
+from l2cluster.plugin import Regularizer
+from l2cluster.registry import Registry, load_builtins, load_registry
 from l2cluster.spec import spec_models
 
 
 @functools.cache
 def registry():
     return load_registry(use_entry_points=False)
+
+
+class InfGradients(Regularizer):
+    """Makes a model's gradients inf: never (when=0), on about half of the steps (when=1: picked by a digit of its
+    gradients, so it varies from step to step yet is the same on every device), or always (when=2). No host reads
+    and no `step` argument, so it runs inside a CUDA graph; put grad_clip after it to skip those models' steps."""
+
+    name = "inf_gradients"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        when: float = 0
+
+    @torch.no_grad()
+    def on_gradients(self, params, hp):
+        digit = (params["layers.0.bias"].grad.flatten(1).sum(1) * 1000).remainder(1)
+        bad = (hp.when == 2) | ((hp.when == 1) & (digit < 0.5))
+        for p in params.values():
+            p.grad.masked_fill_(bad.view(-1, *[1] * (p.dim() - 1)), float("inf"))
+
+
+def registry_with(*plugins) -> Registry:
+    """The built-ins plus test plugins."""
+    reg = Registry()
+    load_builtins(reg)
+    for plugin in plugins:
+        reg.register(plugin, "test")
+    return reg
 
 
 def config(reg=None, **fields):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from support import config, params_of, registry, synthetic_splits
+from support import InfGradients, config, params_of, registry, registry_with, synthetic_splits
 
 from l2cluster.plugin import HyperParams, Regularizer, StackedRNG
 from l2cluster.registry import Registry, load_builtins
@@ -17,9 +17,11 @@ from l2cluster.trainer import Trainer
 STEPS_20 = dict(data={"batch_size": 16, "val_size": 64}, epochs=1, model={"hidden_sizes": [32, 16], "dtype": "float64"})
 
 
-def train(cfgs, splits=None, reg=None):
+def train(cfgs, splits=None, reg=None, skip_on_host=True):
     trainer = Trainer(cfgs if isinstance(cfgs, list) else [cfgs], splits or synthetic_splits(), reg or registry(),
                       device="cpu")
+    # False: skip models by the device-side mask that a GPU uses (no host read), instead of the CPU's host check.
+    trainer._skip_on_host = skip_on_host
     results = trainer.fit()
     return trainer, results
 
@@ -100,13 +102,15 @@ def test_grad_clip_value_clamps_elementwise():
     cfg = info.config_model(name="grad_clip", mode="value", max_value=0.5)
     params = _stacked_grads([3.0, 0.01])
     before = {n: p.grad.clone() for n, p in params.items()}
-    info.hooks["on_gradients"](params=params, hp=HyperParams([cfg] * 2, dtype=torch.float64, device="cpu"))
+    out = info.hooks["on_gradients"](params=params, hp=HyperParams([cfg] * 2, dtype=torch.float64, device="cpu"))
     for n, p in params.items():
         assert float(p.grad.abs().max()) <= 0.5
         assert torch.equal(p.grad, before[n].clamp(-0.5, 0.5))
+    assert out["clipped"].tolist() == [True, False]  # counted before the clamp, which leaves nothing above it
 
 
-def test_grad_clip_nonfinite_norm_skips_only_that_model():
+@pytest.mark.parametrize("skip_on_host", [True, False], ids=["host_check", "device_mask"])
+def test_grad_clip_nonfinite_norm_skips_only_that_model(skip_on_host):
     """A model whose gradient turns inf skips its step (counted); its stack-mate trains normally."""
 
     class Poison(Regularizer):
@@ -128,8 +132,8 @@ def test_grad_clip_nonfinite_norm_skips_only_that_model():
         cfgs = [config(reg, regularizers=[{"name": "poison", "poisoned": float(s)},
                                           {"name": "grad_clip", "max_norm": 1.0}],
                        seed=s, optimizer=optimizer, **STEPS_20) for s in (0, 1)]
-        singles = [train(c, reg=reg)[0] for c in cfgs]
-        stacked, results = train(cfgs, reg=reg)
+        singles = [train(c, reg=reg, skip_on_host=skip_on_host)[0] for c in cfgs]
+        stacked, results = train(cfgs, reg=reg, skip_on_host=skip_on_host)
         assert [r.epochs[0]["skipped_steps"] for r in results] == [0, 2]
         assert [r.outcome for r in results] == ["succeeded", "succeeded"]
         # Model 0 is unaffected by model 1's bad steps.
@@ -161,6 +165,55 @@ def test_grad_clip_can_fail_the_job_instead():
     _, results = train(cfg, reg=reg)
     assert results[0].outcome == "failed"
     assert "grad_clip" in results[0].error and "not finite" in results[0].error
+
+
+SKIPS = dict(sgd={"name": "sgd", "lr": 0.1, "momentum": 0.9}, adam={"name": "adam", "lr": 1e-2})
+
+
+def _skipping(reg, optimizer, when):
+    """One model per entry of `when` (InfGradients: 0 never, 1 on about half the steps, 2 always), with grad_clip
+    skipping the steps whose gradients are inf, and an L2 term and decoupled decay that must be undone too."""
+    return [config(reg, seed=k, optimizer=optimizer, regularizers=[
+        {"name": "inf_gradients", "when": w}, {"name": "l2", "strength": 1e-3},
+        {"name": "decoupled_decay", "weight_decay": 0.1}, {"name": "grad_clip", "max_norm": 1.0}], **STEPS_20)
+        for k, w in enumerate(when)]
+
+
+@pytest.mark.parametrize("skip_on_host", [True, False], ids=["host_check", "device_mask"])
+@pytest.mark.parametrize("optimizer", SKIPS.values(), ids=SKIPS.keys())
+def test_a_model_skipped_on_every_step_keeps_its_parameters_and_optimizer_state(optimizer, skip_on_host):
+    reg = registry_with(InfGradients)
+    cfgs = _skipping(reg, optimizer, when=(0, 2))
+    init = Trainer(cfgs, synthetic_splits(), reg, device="cpu")
+    trainer, results = train(cfgs, reg=reg, skip_on_host=skip_on_host)
+    assert [r.epochs[0]["skipped_steps"] for r in results] == [0, 20]
+    assert all(torch.equal(p, params_of(init, 1)[n]) for n, p in params_of(trainer, 1).items())
+    assert max_diff(params_of(trainer, 0), params_of(init, 0)) > 1e-3  # its stack-mate trained
+    for p in trainer.params.values():
+        state = trainer._stacked_state(p)
+        assert state and all(not s[1].any() and s[0].abs().sum() > 0 for s in state)
+
+
+@pytest.mark.parametrize("when", [(0, 1, 2), (1,), (2,), (2, 2)])
+@pytest.mark.parametrize("optimizer", SKIPS.values(), ids=SKIPS.keys())
+def test_the_gpus_device_side_skip_mask_gives_the_host_checks_numbers_bit_for_bit(optimizer, when):
+    """The CPU reads the skip mask on the host and steps only when some model may; a GPU always steps and puts
+    the skipped models back by torch.where (no host read, so it runs inside a CUDA graph). Same numbers,
+    including Adam's step count, shared by the stack, when every model skipped."""
+    reg = registry_with(InfGradients)
+    runs = []
+    for skip_on_host in (True, False):
+        trainer, results = train(_skipping(reg, optimizer, when), reg=reg, skip_on_host=skip_on_host)
+        epochs = [[{k: v for k, v in m.items() if k != "epoch_s"} for m in r.epochs] for r in results]
+        steps = max((int(s.get("step", 0)) for s in trainer.optimizer.state.values()), default=0)
+        runs.append((params_of(trainer), epochs, steps))
+    (params_host, epochs_host, steps_host), (params_mask, epochs_mask, steps_mask) = runs
+    assert all(torch.equal(p, params_mask[n]) for n, p in params_host.items())
+    assert epochs_host == epochs_mask and steps_host == steps_mask
+    for w, m in zip(when, epochs_host):  # never, some of the 20 steps (data-dependent), all of them
+        assert {0: lambda n: n == 0, 1: lambda n: 0 < n < 20, 2: lambda n: n == 20}[w](m[0]["skipped_steps"])
+    if optimizer["name"] == "adam":  # counts the steps where some model stepped (here: the least-skipped one's)
+        assert steps_host == 20 - min(m[0]["skipped_steps"] for m in epochs_host)
 
 
 def test_dropout_changes_outputs_in_training_only():

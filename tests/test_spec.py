@@ -105,6 +105,10 @@ def test_sweep_expands_variants_grid_and_seeds_with_stable_ids():
     assert len({j.group for j in jobs}) == 6
     other = expand(parse_spec({**data, "epochs": 3}, registry()), registry())
     assert not {j.id for j in other} & {j.id for j in jobs}
+    # TF32 changes the numbers a GPU computes: it is part of the identity too.
+    tf32 = expand(parse_spec({**data, "model": {"tf32": True}}, registry()), registry())
+    assert all(j.config.model.tf32 for j in tf32) and not any(j.config.model.tf32 for j in jobs)
+    assert not {j.id for j in tf32} & {j.id for j in jobs}
 
 
 def test_list_entries_by_index_and_duplicates_run_once():

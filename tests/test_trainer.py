@@ -118,9 +118,16 @@ def test_only_compatible_configs_stack():
     b = config(seed=2, regularizers=[{"name": "l2", "strength": 1e-4}])
     c = config(seed=2, regularizers=[{"name": "l2", "strength": 1e-4, "exclude_bias_and_1d": False}])
     d = config(seed=2, optimizer={"name": "adam", "lr": 2e-3}, regularizers=[{"name": "l2"}])
+    e = config(seed=2, model={"tf32": True}, regularizers=[{"name": "l2", "strength": 1e-4}])  # other numbers
     assert pack_key(a) == pack_key(b) != pack_key(c) != pack_key(d)
+    assert pack_key(e) != pack_key(b)
     with pytest.raises(ValueError, match="differ only in seed"):
         Trainer([a, c], synthetic_splits(), registry(), device="cpu")
+
+
+def test_a_trainer_says_why_it_replays_no_cuda_graph():
+    trainer = Trainer([config(**SMALL)], synthetic_splits(), registry(), device="cpu")
+    assert not trainer.graphs and trainer.graphs_off_reason == "not on a CUDA device (cpu)"
 
 
 def test_real_mnist_one_epoch_reaches_90_percent(shared_mnist_dir):
