@@ -654,9 +654,23 @@ class Job:
     @property
     def group(self) -> str:
         """Hash of the config without the seed: the jobs that differ only by seed share it."""
-        cfg = self.config.model_dump(mode="json", exclude=NOT_IN_JOB_ID)
+        cfg = identity(self.config)
         cfg.pop("seed")
         return _digest({"experiment": self.experiment, "config": cfg})
+
+
+# Fields added after job ids were first handed out, with the value every earlier job had: left out of a job's
+# identity while they keep that value, so the jobs of an existing store keep their ids (and stored results).
+_ADDED_LATER = {("model", "tf32"): False}
+
+
+def identity(config) -> dict:
+    """What a job's id hashes (with its experiment's name): the resolved config without how it is run."""
+    cfg = config.model_dump(mode="json", exclude=NOT_IN_JOB_ID)
+    for (section, name), default in _ADDED_LATER.items():
+        if cfg.get(section, {}).get(name) == default:
+            del cfg[section][name]
+    return cfg
 
 
 def _digest(obj: Any) -> str:
@@ -765,8 +779,7 @@ def expand(spec, registry: Registry, *, max_jobs: int = DEFAULT_MAX_JOBS) -> lis
                     setting = ", ".join(f"{k}={_short.repr(v)}" for k, v in overrides.items()) or "no grid values"
                     raise SpecError(spec.name, [Issue(i.path, f"{i.message} (in {where} with {setting})")
                                                 for i in issues])
-                job_id = _digest({"experiment": spec.name,
-                                  "config": config.model_dump(mode="json", exclude=NOT_IN_JOB_ID)})
+                job_id = _digest({"experiment": spec.name, "config": identity(config)})
                 if job_id in seen:
                     continue  # two grid points that resolve to the same config run once
                 seen.add(job_id)

@@ -166,3 +166,22 @@ def test_schema_includes_every_plugin_config(capsys):
     assert {"L2Config", "DecoupledDecayConfig", "DropoutConfig", "GradClipConfig"} <= set(defs)
     assert "added to each model's loss" in defs["L2Config"]["properties"]["strength"]["description"]
     assert defs["AdamWConfig"]["properties"]["weight_decay"]["default"] == 0.0
+
+
+def test_job_ids_of_earlier_stores_stay_the_same_and_how_a_job_runs_is_not_part_of_them():
+    """Ids are what a store reuses results by: fields added since (model.tf32 at its default, scaling.pack) must
+    not change them, and neither may max_attempts or the packing opt-out."""
+    import hashlib
+    import json
+
+    (job,) = expand(parse_spec(BASE, registry()), registry())
+    before = job.config.model_dump(mode="json")
+    del before["max_attempts"], before["model"]["tf32"], before["scaling"]["pack"]  # a config as earlier versions had
+    digest = hashlib.sha256(json.dumps({"experiment": BASE["name"], "config": before}, sort_keys=True,
+                                       separators=(",", ":")).encode()).hexdigest()[:16]
+    assert job.id == digest
+    for change in ({"max_attempts": 9}, {"scaling": {"pack": False}}):
+        (other,) = expand(parse_spec({**BASE, **change}, registry()), registry())
+        assert other.id == job.id and other.group == job.group, change
+    (tf32,) = expand(parse_spec({**BASE, "model": {"tf32": True}}, registry()), registry())
+    assert tf32.id != job.id
