@@ -49,10 +49,9 @@ class _PerMemberLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-def per_member_matmuls(device: torch.device) -> bool:
-    """Whether K > 1 layers run as K plain matmuls (CPU) rather than one batched matmul (GPU, where baddbmm is one
-    launch instead of K). Measured with bench/pack_cost.py."""
-    return device.type == "cpu"
+PER_MEMBER_DEVICES = {"cpu"}
+"""Device types on which K > 1 layers run as K plain matmuls rather than one batched matmul. Not CUDA: there
+baddbmm is one launch instead of K. Measured with bench/pack_cost.py (--batched-cpu for the other path)."""
 
 
 class StackedLinear(nn.Module):
@@ -83,7 +82,7 @@ class StackedLinear(nn.Module):
             # One model: a plain addmm, as fast as nn.Linear. squeeze, not [0]: its backward is a view, while
             # indexing's backward allocates and fills a full-size gradient every step.
             return torch.addmm(self.bias.squeeze(0), x.squeeze(0), self.weight.squeeze(0)).unsqueeze(0)
-        if per_member_matmuls(x.device):
+        if x.device.type in PER_MEMBER_DEVICES:
             return _PerMemberLinear.apply(x, self.weight, self.bias)
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
 

@@ -54,7 +54,7 @@ def test_per_member_member_equals_the_model_alone():
 
 def test_the_batched_path_differs_from_a_wrong_variant(monkeypatch):
     """Control: the comparison above can fail — a model using the batched path with one weight swapped differs."""
-    monkeypatch.setattr(model_module, "per_member_matmuls", lambda device: False)
+    monkeypatch.setattr(model_module, "PER_MEMBER_DEVICES", set())
     stacked = StackedMLP(2, [8], dtype=torch.float64)
     stacked.reset_parameters([1, 2])
     x = torch.rand(2, 4, 784, dtype=torch.float64)
