@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from l2cluster.data import Splits
 from l2cluster.model import StackedMLP
-from l2cluster.plugin import HookError, HyperParams, StackedRNG
+from l2cluster.plugin import HookError, HyperParams, StackedRNG, per_model_norm
 from l2cluster.registry import PluginInfo, Registry
 
 _EVAL_CHUNK = 8192
@@ -502,8 +502,7 @@ class Trainer:
             self._all_reduce_grads()
         grads = [p.grad for p in self.params.values()]
         with torch.no_grad():
-            gnorm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]), dim=0)
+            gnorm = per_model_norm(grads)
             skip = None
             for info, hp in self._with["on_gradients"]:
                 ok = (_all_finite(grads), _all_finite(self.params.values())) if probe is not None else None
@@ -551,10 +550,9 @@ class Trainer:
 
     @torch.no_grad()
     def _after_step_bookkeeping(self, sums, ce, logits, y, loss, gnorm) -> None:
-        sums[0] += ce.detach().sum(1)
-        sums[1] += (logits.detach().argmax(-1) == y).sum(1)
-        sums[2] += loss.detach()
-        sums[3] += gnorm
+        # One in-place add for the four rows (each `sums[i] += v` is a select, an add and a copy back).
+        correct = (logits.detach().argmax(-1) == y).sum(1)
+        sums.add_(torch.stack([ce.detach().sum(1), correct.to(ce.dtype), loss.detach(), gnorm.to(ce.dtype)]))
         self.step_count += 1
 
     def _all_reduce_grads(self) -> None:
@@ -633,7 +631,7 @@ class Trainer:
     @torch.no_grad()
     def weight_norms(self) -> torch.Tensor:
         """‖θ_k‖₂ over all parameters of each model: [K]."""
-        return torch.stack([p.detach().flatten(1).pow(2).sum(1) for p in self.params.values()]).sum(0).sqrt()
+        return per_model_norm(p.detach() for p in self.params.values())
 
 
 _NO_EVENT = 2**62
