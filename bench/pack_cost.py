@@ -11,7 +11,8 @@ CPU: peak RSS of the child process, torch and the data set included). A referenc
     python bench/pack_cost.py --data-dir ../shared/data/mnist --device cuda --cuda-graphs off
 
 Validation is scaled with the training set (5,000 images per 55,000) so a short epoch has a full epoch's
-proportions. The first epoch (allocation, CUDA-graph capture) is left out of the mean when --epochs > 1.
+proportions. The first epoch (allocation, CUDA-graph capture) is left out of the mean when --epochs > 1. On a
+shared machine use --repeats: the rows are measured round-robin and each shows its median (and its minimum).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -115,8 +117,8 @@ def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # the trainer does this on CPU; the plain loop gets the same allocator
-    if args.batched_cpu:
-        model.PER_MEMBER_DEVICES = set()
+    if args.per_member_cpu:
+        model.PER_MEMBER_DEVICES = {"cpu"}
     device = torch.device(args.device)
     out = measure_plain(args, device) if args.child == 0 else measure_trainer(args, args.child, device)
     if device.type == "cuda":
@@ -129,7 +131,7 @@ def child(args) -> None:
 def run_child(args, num_models: int) -> dict:
     argv = [sys.executable, __file__, "--child", str(num_models), "--device", args.device,
             "--epochs", str(args.epochs), "--hidden", *map(str, args.hidden), "--threads", str(args.threads),
-            "--cuda-graphs", args.cuda_graphs] + (["--batched-cpu"] if args.batched_cpu else [])
+            "--cuda-graphs", args.cuda_graphs] + (["--per-member-cpu"] if args.per_member_cpu else [])
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
     if args.train_size:
@@ -138,6 +140,12 @@ def run_child(args, num_models: int) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"K={num_models} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def model_epoch_s(measured: dict, k: int) -> float:
+    """Seconds per model-epoch, scaled to a full epoch (its steps and its validation scale alike)."""
+    timed = measured["epoch_s"][1:] or measured["epoch_s"]
+    return sum(timed) / len(timed) * FULL_TRAIN / measured["train_size"] / max(k, 1)
 
 
 def main(argv=None) -> int:
@@ -149,9 +157,10 @@ def main(argv=None) -> int:
     parser.add_argument("--train-size", type=int, help="training images per epoch (default: all 55,000)")
     parser.add_argument("--steps", type=int, help="steps per epoch instead of --train-size (batch 64)")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per row, round-robin; the median is shown")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
-    parser.add_argument("--batched-cpu", action="store_true", help="K > 1 on CPU as baddbmm, not K addmm calls")
+    parser.add_argument("--per-member-cpu", action="store_true", help="K > 1 on CPU as K addmm calls, not baddbmm")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain-loop reference row")
     parser.add_argument("--json", type=Path, help="write the rows to this file too")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
@@ -165,20 +174,26 @@ def main(argv=None) -> int:
     threads = args.threads or torch.get_num_threads()
     print(f"device={args.device} torch={torch.__version__} threads={threads} hidden={args.hidden} "
           f"train_size={args.train_size or FULL_TRAIN} epochs={args.epochs} cuda_graphs={args.cuda_graphs} "
-          f"cpu_matmuls={'batched' if args.batched_cpu else 'per-member'}",
+          f"cpu_matmuls={'per-member' if args.per_member_cpu else 'batched'}",
           flush=True)
-    print(f"{'run':<12}{'s/model-epoch':>15}{'jobs/hour':>11}{'peak_mb':>10}{'graphs':>8}  outcome", flush=True)
+    print(f"{'run':<12}{'s/model-epoch':>15}{'(min)':>9}{'jobs/hour':>11}{'peak_mb':>10}{'graphs':>8}  outcome",
+          flush=True)
+    runs = ([0] if not args.no_plain else []) + ks
+    measured: dict[int, list[dict]] = {k: [] for k in runs}
+    for _ in range(args.repeats):  # round-robin, so that a busy spell on a shared machine hits every K alike
+        for k in runs:
+            measured[k].append(run_child(args, k))
     rows = []
-    for k in ([0] if not args.no_plain else []) + ks:
-        r = run_child(args, k)
-        timed = r["epoch_s"][1:] or r["epoch_s"]
-        scale = FULL_TRAIN / r["train_size"]  # to a full epoch: both steps and validation scale with it
-        model_epoch_s = sum(timed) / len(timed) * scale / max(k, 1)
-        row = {"run": "plain loop" if k == 0 else f"K={k}", "k": k, "model_epoch_s": model_epoch_s,
-               "jobs_per_hour": 3600 / (REFERENCE_EPOCHS * model_epoch_s), **r}
+    for k in runs:
+        per_run = [model_epoch_s(r, k) for r in measured[k]]
+        r = measured[k][-1]
+        row = {"run": "plain loop" if k == 0 else f"K={k}", "k": k, "model_epoch_s": statistics.median(per_run),
+               "model_epoch_s_each": per_run, "peak_mb": max(m["peak_mb"] for m in measured[k]),
+               "graphs": r["graphs"], "outcomes": r["outcomes"]}
+        row["jobs_per_hour"] = 3600 / (REFERENCE_EPOCHS * row["model_epoch_s"])
         rows.append(row)
-        print(f"{row['run']:<12}{model_epoch_s:>15.3f}{row['jobs_per_hour']:>11.1f}{r['peak_mb']:>10.0f}"
-              f"{str(r['graphs']):>8}  {','.join(r['outcomes'])}", flush=True)
+        print(f"{row['run']:<12}{row['model_epoch_s']:>15.3f}{min(per_run):>9.3f}{row['jobs_per_hour']:>11.1f}"
+              f"{row['peak_mb']:>10.0f}{str(r['graphs']):>8}  {','.join(r['outcomes'])}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     best = min((r for r in rows if r["k"]), key=lambda r: r["model_epoch_s"])

@@ -2,7 +2,7 @@
 
 Parameters carry a leading model axis ([K, in, out] weights, [K, out] biases), inputs are [K, B, 784] and
 every model sees its own batch. K = 1 is an ordinary MLP and runs as plain matmuls; K > 1 runs as one batched
-matmul on a GPU and as K plain matmuls on a CPU (see `StackedLinear.forward`).
+matmul (baddbmm), or as K plain matmuls on the device types in PER_MEMBER_DEVICES.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu
 
 class _PerMemberLinear(torch.autograd.Function):
     """y[k] = x[k] @ weight[k] + bias[k] as K addmm calls, forward and backward, each the kernel that a one-model
-    layer runs: on a CPU that is ~2x faster per model than torch's batched baddbmm and its backward, and model k's
-    numbers are those of the same model trained alone. Results are written into stacked buffers, so no gradient is
-    copied or stacked afterwards."""
+    layer runs, so model k's numbers are those of the same model trained alone. Results are written into stacked
+    buffers, so no gradient is copied or stacked afterwards."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -49,9 +48,11 @@ class _PerMemberLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-PER_MEMBER_DEVICES = {"cpu"}
-"""Device types on which K > 1 layers run as K plain matmuls rather than one batched matmul. Not CUDA: there
-baddbmm is one launch instead of K. Measured with bench/pack_cost.py (--batched-cpu for the other path)."""
+PER_MEMBER_DEVICES: set[str] = set()
+"""Device types on which K > 1 layers run as K plain matmuls (_PerMemberLinear) instead of one baddbmm. Empty:
+on CUDA baddbmm is one launch instead of K, and on the 2-core CPU we measured (bench/pack_cost.py
+--per-member-cpu, 1 and 2 threads) K addmm calls were no faster per model than baddbmm, and slower with 2
+threads on a busy machine (each small matmul is its own parallel region). Re-measure on a bigger CPU."""
 
 
 class StackedLinear(nn.Module):

@@ -1,4 +1,5 @@
-"""The stacked layer's CPU path (K plain matmuls) computes what the batched matmul does, forward and backward."""
+"""The stacked layer's per-member path (K plain matmuls) computes what the batched matmul does, forward and
+backward, and a stack member computes what the model alone does."""
 
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ def test_per_member_layer_passes_gradcheck_and_skips_unneeded_grads():
     assert x.grad is None and w.grad is not None and b.grad is not None
 
 
-def test_per_member_member_equals_the_model_alone():
+def test_per_member_member_equals_the_model_alone(monkeypatch):
     """Member k of a stack runs the very kernels of a one-model MLP: the same logits and gradients."""
+    monkeypatch.setattr(model_module, "PER_MEMBER_DEVICES", {"cpu"})
     stacked = StackedMLP(3, [16, 8], dtype=torch.float64)
     stacked.reset_parameters([11, 12, 13])
     alone = StackedMLP(1, [16, 8], dtype=torch.float64)
@@ -52,14 +54,14 @@ def test_per_member_member_equals_the_model_alone():
         torch.testing.assert_close(p.grad[1:2], q.grad, rtol=1e-14, atol=1e-14, msg=name)
 
 
-def test_the_batched_path_differs_from_a_wrong_variant(monkeypatch):
-    """Control: the comparison above can fail — a model using the batched path with one weight swapped differs."""
+def test_the_paths_agree_in_a_model_and_the_check_can_fail(monkeypatch):
+    """Both paths give one model the same logits; control: one weight changed by 0.1% is told apart."""
     monkeypatch.setattr(model_module, "PER_MEMBER_DEVICES", set())
     stacked = StackedMLP(2, [8], dtype=torch.float64)
     stacked.reset_parameters([1, 2])
     x = torch.rand(2, 4, 784, dtype=torch.float64)
     batched = stacked(x).detach()
-    monkeypatch.undo()
+    monkeypatch.setattr(model_module, "PER_MEMBER_DEVICES", {"cpu"})
     assert torch.allclose(stacked(x).detach(), batched, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         stacked.layers[0].weight[1].mul_(1.001)
