@@ -27,7 +27,7 @@ from l2cluster.model import StackedMLP
 from l2cluster.plugin import HookError, HyperParams, StackedRNG, per_model_norm
 from l2cluster.registry import PluginInfo, Registry
 
-_EVAL_CHUNK = 8192
+_EVAL_ROWS = 65536  # examples × models per evaluation chunk: bounds the activations' memory at any K
 _NONFINITE_CHECK_EVERY = 50  # steps between divergence checks in one process (each check is a device sync)
 
 
@@ -615,8 +615,9 @@ class Trainer:
         if self.world > 1:
             x, y = x[self.rank::self.world], y[self.rank::self.world]
         totals = torch.zeros(3, self.K, dtype=torch.float64, device=self.device)
-        for i in range(0, len(y), _EVAL_CHUNK):
-            xb, yb = x[i:i + _EVAL_CHUNK], y[i:i + _EVAL_CHUNK]
+        chunk = max(64, _EVAL_ROWS // self.K)
+        for i in range(0, len(y), chunk):
+            xb, yb = x[i:i + chunk], y[i:i + chunk]
             logits = self.model(xb.unsqueeze(0).expand(self.K, -1, -1))
             ce = F.cross_entropy(logits.flatten(0, 1), yb.repeat(self.K), reduction="none").view(self.K, -1)
             totals[0] += ce.sum(1)
