@@ -1,7 +1,8 @@
 """The stacked MLP: K independent models of one architecture, trained as one module with batched matmuls.
 
 Parameters carry a leading model axis ([K, in, out] weights, [K, out] biases), inputs are [K, B, 784] and
-every model sees its own batch. K = 1 is an ordinary MLP and runs as plain matmuls.
+every model sees its own batch. K = 1 is an ordinary MLP and runs as plain matmuls; K > 1 runs as one batched
+matmul (baddbmm), or as K plain matmuls on the device types in PER_MEMBER_DEVICES.
 """
 
 from __future__ import annotations
@@ -14,6 +15,44 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
+
+
+class _PerMemberLinear(torch.autograd.Function):
+    """y[k] = x[k] @ weight[k] + bias[k] as K addmm calls, forward and backward, each the kernel that a one-model
+    layer runs, so model k's numbers are those of the same model trained alone. Results are written into stacked
+    buffers, so no gradient is copied or stacked afterwards."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        out = x.new_empty(x.shape[0], x.shape[1], weight.shape[2])
+        for k in range(x.shape[0]):
+            torch.addmm(bias[k], x[k], weight[k], out=out[k])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        # The products addmm's own backward computes: grad @ weightᵀ and xᵀ @ grad.
+        if ctx.needs_input_grad[0]:
+            grad_x = x.new_empty(x.shape)
+            for k in range(x.shape[0]):
+                torch.mm(grad[k], weight[k].t(), out=grad_x[k])
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.empty_like(weight)
+            for k in range(x.shape[0]):
+                torch.mm(x[k].t(), grad[k], out=grad_weight[k])
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(1)
+        return grad_x, grad_weight, grad_bias
+
+
+PER_MEMBER_DEVICES: set[str] = set()
+"""Device types on which K > 1 layers run as K plain matmuls (_PerMemberLinear) instead of one baddbmm. Empty:
+on CUDA baddbmm is one launch instead of K, and on the 2-core CPU we measured (bench/pack_cost.py
+--per-member-cpu, 1 and 2 threads) K addmm calls were no faster per model than baddbmm, and slower with 2
+threads on a busy machine (each small matmul is its own parallel region). Re-measure on a bigger CPU."""
 
 
 class StackedLinear(nn.Module):
@@ -44,6 +83,8 @@ class StackedLinear(nn.Module):
             # One model: a plain addmm, as fast as nn.Linear. squeeze, not [0]: its backward is a view, while
             # indexing's backward allocates and fills a full-size gradient every step.
             return torch.addmm(self.bias.squeeze(0), x.squeeze(0), self.weight.squeeze(0)).unsqueeze(0)
+        if x.device.type in PER_MEMBER_DEVICES:
+            return _PerMemberLinear.apply(x, self.weight, self.bias)
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
 
 

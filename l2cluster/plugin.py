@@ -33,6 +33,7 @@ __all__ = [
     "StackedRNG",
     "hook",
     "per_model_ndim",
+    "per_model_norm",
     "select_params",
     "sum_of_squares",
 ]
@@ -199,6 +200,8 @@ class StackedRNG:
     def rand(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Uniform [0, 1) numbers of shape [K, *shape]; row k comes from model k's stream."""
         out = torch.empty((len(self.generators), *shape), dtype=dtype, device=self.device)
+        if len(self.generators) == 1:  # the one row is the whole tensor
+            return out.uniform_(generator=self.generators[0])
         for row, gen in zip(out, self.generators):
             row.uniform_(generator=gen)
         return out
@@ -211,6 +214,18 @@ class StackedRNG:
             g.set_state(s)
 
 
+def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """‖t_k‖₂ of each model's slice of each tensor: [len(tensors), K]. One fused call when K = 1."""
+    if tensors[0].shape[0] == 1:
+        return torch.stack(torch._foreach_norm(tensors)).unsqueeze(1)
+    return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors])
+
+
+def per_model_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """‖θ_k‖₂ over all of `tensors` for each model (the 2-norm of the per-tensor 2-norms): shape [K]."""
+    return torch.linalg.vector_norm(_norms(list(tensors)), dim=0)
+
+
 class _SumOfSquares(torch.autograd.Function):
     """Σ‖w‖² per model with a one-pass backward (2w·g), instead of autograd's four passes through pow or norm:
     on CPU an L2 penalty is memory-bound, and this halves its cost."""
@@ -218,11 +233,14 @@ class _SumOfSquares(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *tensors: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(*tensors)
-        return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors]).pow(2).sum(0)
+        return _norms(tensors).pow(2).sum(0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return tuple(t * (2 * grad).view(-1, *([1] * (t.dim() - 1))) for t in ctx.saved_tensors)
+        tensors, twice = ctx.saved_tensors, 2 * grad
+        if twice.shape[0] == 1:
+            return tuple(torch._foreach_mul(tensors, twice.view(())))
+        return tuple(t * twice.view(-1, *([1] * (t.dim() - 1))) for t in tensors)
 
 
 def sum_of_squares(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

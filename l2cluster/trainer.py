@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from l2cluster.data import Splits
 from l2cluster.model import StackedMLP
 from l2cluster.packing import stack_key
-from l2cluster.plugin import HookError, HyperParams, StackedRNG
+from l2cluster.plugin import HookError, HyperParams, StackedRNG, per_model_norm
 from l2cluster.registry import PluginInfo, Registry
 
-_EVAL_CHUNK = 8192
+_EVAL_ROWS = 65536  # examples × models per evaluation chunk: bounds the activations' memory at any K
 _NONFINITE_CHECK_EVERY = 50  # steps between divergence checks in one process (each check is a device sync)
 
 
@@ -535,8 +535,7 @@ class Trainer:
             self._all_reduce_grads()
         grads = [p.grad for p in self.params.values()]
         with torch.no_grad():
-            gnorm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]), dim=0)
+            gnorm = per_model_norm(grads)
             skip = None
             for info, hp in self._with["on_gradients"]:
                 ok = (_all_finite(grads), _all_finite(self.params.values())) if probe is not None else None
@@ -586,10 +585,9 @@ class Trainer:
 
     @torch.no_grad()
     def _after_step_bookkeeping(self, sums, ce, logits, y, loss, gnorm) -> None:
-        sums[0] += ce.detach().sum(1)
-        sums[1] += (logits.detach().argmax(-1) == y).sum(1)
-        sums[2] += loss.detach()
-        sums[3] += gnorm
+        # One in-place add for the four rows (each `sums[i] += v` is a select, an add and a copy back).
+        correct = (logits.detach().argmax(-1) == y).sum(1)
+        sums.add_(torch.stack([ce.detach().sum(1), correct.to(ce.dtype), loss.detach(), gnorm.to(ce.dtype)]))
         self.step_count += 1
 
     def _all_reduce_grads(self) -> None:
@@ -678,8 +676,9 @@ class Trainer:
         if self.world > 1:
             x, y = x[self.rank::self.world], y[self.rank::self.world]
         totals = torch.zeros(3, self.K, dtype=torch.float64, device=self.device)
-        for i in range(0, len(y), _EVAL_CHUNK):
-            xb, yb = x[i:i + _EVAL_CHUNK], y[i:i + _EVAL_CHUNK]
+        chunk = max(64, _EVAL_ROWS // self.K)
+        for i in range(0, len(y), chunk):
+            xb, yb = x[i:i + chunk], y[i:i + chunk]
             logits = self.model(xb.unsqueeze(0).expand(self.K, -1, -1))
             ce = F.cross_entropy(logits.flatten(0, 1), yb.repeat(self.K), reduction="none").view(self.K, -1)
             totals[0] += ce.sum(1)
@@ -694,7 +693,7 @@ class Trainer:
     @torch.no_grad()
     def weight_norms(self) -> torch.Tensor:
         """‖θ_k‖₂ over all parameters of each model: [K]."""
-        return torch.stack([p.detach().flatten(1).pow(2).sum(1) for p in self.params.values()]).sum(0).sqrt()
+        return per_model_norm(p.detach() for p in self.params.values())
 
 
 _NO_EVENT = 2**62

@@ -38,6 +38,7 @@ class Dropout(Regularizer):
                 )
             p = p[:, layer]
         p = p.to(x.dtype).view(-1, 1, 1)  # [K, 1, 1] against x [K, B, H]
-        # The mask holds 0 or 1/(1-p), so forward and backward are one multiply each.
-        mask = (rng.rand(*x.shape[1:], dtype=x.dtype) >= p).to(x.dtype).mul_(1 / (1 - p))
+        # The mask holds 0 or 1/(1-p), so forward and backward are one multiply each; built in place in the
+        # uniform draws (ge_ writes 1.0 or 0.0 in their dtype).
+        mask = rng.rand(*x.shape[1:], dtype=x.dtype).ge_(p).mul_(1 / (1 - p))
         return x * mask

@@ -217,3 +217,16 @@ def test_a_checkpoint_from_another_stack_is_refused(tiny_splits):
     two = Trainer([config(seed=s, **SMALL) for s in (0, 1)], tiny_splits, registry(), device="cpu")
     with pytest.raises(ValueError, match="checkpoint holds 1 models, this trainer 2"):
         two.load_state_dict(one.state_dict())
+
+
+def test_evaluation_in_chunks_equals_one_pass(monkeypatch):
+    """Evaluation splits examples × models into chunks to bound memory at large K; the numbers do not change."""
+    import l2cluster.trainer as trainer_module
+
+    trainer = Trainer([config(seed=s, model={"hidden_sizes": [16], "dtype": "float64"}) for s in (1, 2, 3)],
+                      synthetic_splits(), registry(), device="cpu")
+    whole = trainer.evaluate(trainer.val_x, trainer.val_y)
+    monkeypatch.setattr(trainer_module, "_EVAL_ROWS", 3 * 5)  # max(64, 5): chunks of 64, then the rest
+    chunked = trainer.evaluate(torch.cat([trainer.val_x] * 3), torch.cat([trainer.val_y] * 3))
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
