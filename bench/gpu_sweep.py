@@ -178,6 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, help="replace the spec's epochs (sweep, control and single job)")
     p.add_argument("--train-size", type=int, help="data.train_size (smoke tests)")
     p.add_argument("--hidden", help="model.hidden_sizes, e.g. 64,32 (smoke tests)")
+    p.add_argument("--tf32", action="store_true", help="model.tf32: true (TF32 matmuls) for every stage")
     p.add_argument("--control-strengths", type=int, default=2, help="strengths in the unpacked control (0: none)")
     p.add_argument("--control-seeds", type=int, default=4, help="seeds per strength in the unpacked control")
     p.add_argument("--max-pack", type=int, help="pass --max-pack N to the daemon it starts")
@@ -200,6 +201,8 @@ def main(argv=None) -> int:
         base.setdefault("data", {})["train_size"] = args.train_size
     if args.hidden:
         base.setdefault("model", {})["hidden_sizes"] = [int(h) for h in args.hidden.split(",")]
+    if args.tf32:
+        base.setdefault("model", {})["tf32"] = True
     strengths = log_spaced(args.strengths)
     seeds = list(range(args.seeds))
     notes: list[str] = []

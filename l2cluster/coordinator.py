@@ -280,12 +280,27 @@ class Coordinator:
             return RunningPack(head["pack_id"], gang, members, active, {})
         limit = self._max_members(head, shape)
         key = lambda r: None if r["pack_key"] is None else (r["pack_key"], r["shape_json"], r["priority"])  # noqa: E731
-        rows = take_pack(head, (r for r in rest if r["id"] not in taken and not r["pack_id"]), limit, key)
+        candidates = [r for r in rest if r["id"] not in taken and not r["pack_id"]]
+        if limit > 1:
+            # Spread a short queue over every gang the cluster can hold at once: one big pack on one gang while
+            # the others idle would make a sweep slower than no packing at all.
+            same = 1 + sum(1 for r in candidates if key(r) == key(head))
+            limit = min(limit, -(-same // self._slots(shape)))
+        rows = take_pack(head, candidates, limit, key)
         members = [r["id"] for r in rows]
         taken.update(members)
         pid = pack_id(members)
         self.store.start_pack(pid, members)
         return RunningPack(pid, gang, members, list(members), {})
+
+    @staticmethod
+    def _slots(shape: GangShape) -> int:
+        """How many gangs of this shape the whole cluster holds at once."""
+        total = ray.cluster_resources()
+        slots = total.get("CPU", 0) // max(1e-9, shape.cpus_per_worker * shape.num_workers)
+        if shape.gpus_per_worker:
+            slots = min(slots, total.get("GPU", 0) // (shape.gpus_per_worker * shape.num_workers))
+        return max(1, int(slots))
 
     def _max_members(self, head, shape: GangShape) -> int:
         if head["pack_key"] is None:

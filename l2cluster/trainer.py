@@ -692,8 +692,9 @@ class Trainer:
 
     @torch.no_grad()
     def weight_norms(self) -> torch.Tensor:
-        """‖θ_k‖₂ over all parameters of each model: [K]."""
-        return per_model_norm(p.detach() for p in self.params.values())
+        """‖θ_k‖₂ over all parameters of each model: [K]. Summed in float64 in one fixed order (once an epoch): a
+        resumed run must report the very same number (bench/chaos.py saw the float32 norm kernel differ by an ulp)."""
+        return torch.stack([p.detach().double().flatten(1).pow(2).sum(1) for p in self.params.values()]).sum(0).sqrt()
 
 
 _NO_EVENT = 2**62

@@ -108,7 +108,7 @@ def test_packs_take_same_key_jobs_in_queue_order_up_to_the_limit():
 def test_pack_size_comes_from_the_device():
     cfg = config(model={"hidden_sizes": [512, 256, 128]}).model_dump(mode="json")
     assert max_members(cfg, gpu_bytes=None) == CPU_DEFAULT_MAX_PACK
-    assert max_members(cfg, gpu_bytes=None, cap=8) == 8  # --max-pack raises the CPU default
+    assert max_members(cfg, gpu_bytes=None, cap=64) == 64 and max_members(cfg, gpu_bytes=None, cap=1) == 1
     h100 = 80 * 2**30
     assert max_members(cfg, gpu_bytes=h100) == GPU_DEFAULT_MAX_PACK  # ~20 MB a member: memory is not the limit
     assert max_members(cfg, gpu_bytes=h100, cap=64) == 64
