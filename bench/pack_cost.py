@@ -47,7 +47,10 @@ def reference_spec(args, num_models: int):
     data = read_spec_file(ROOT / "jobs" / "reference.yaml")
     data["model"]["hidden_sizes"] = args.hidden
     data["data"].update(train_size=args.train_size, val_size=val_size(args.train_size))
-    data.update(epochs=args.epochs, sweep={"seeds": list(range(num_models))})
+    # A sweep takes at most 1,000 seeds: past that, seeds × two L2 strengths (a pack mixes both anyway).
+    seeds = num_models if num_models <= 1000 else -(-num_models // 2)
+    grid = {} if num_models <= 1000 else {"regularizers.l2.strength": [1e-3, 1.1e-3]}
+    data.update(epochs=args.epochs, sweep={"seeds": list(range(seeds)), "grid": grid})
     return parse_spec(data, registry), registry
 
 
@@ -65,7 +68,7 @@ def load_splits(args, spec):
 
 def measure_trainer(args, num_models: int, device: torch.device) -> dict:
     spec, registry = reference_spec(args, num_models)
-    configs = [job.config for job in expand(spec, registry)]
+    configs = [job.config for job in expand(spec, registry)][:num_models]
     splits = load_splits(args, spec)
     graphs = {"on": True, "off": False, "auto": None}[args.cuda_graphs]
     trainer = Trainer(configs, splits, registry, device=device, cuda_graphs=graphs)

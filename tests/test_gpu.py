@@ -21,16 +21,25 @@ SMALL = dict(model={"hidden_sizes": [64, 32], "dtype": "float64"}, data={"batch_
              regularizers=[{"name": "l2", "strength": 1e-3}, {"name": "grad_clip", "max_norm": 1.0}])
 
 
-def test_cuda_matches_cpu_in_float64():
+# Under CUDA graphs the optimizer is "capturable": torch keeps Adam's step count as a float32 tensor on the device,
+# so its bias correction is rounded to float32 and float64 parameters drift from the CPU's by ~1e-9 after a few
+# dozen steps (seen on an H100: 1e-9 to 2e-9). Eager GPU steps match the CPU to 1e-9.
+GRAPHED_ATOL = 1e-7
+
+
+@pytest.mark.parametrize("graphs", [False, None])
+def test_cuda_matches_cpu_in_float64(graphs):
     splits = synthetic_splits(n_train=640)
     cpu = Trainer([config(**SMALL)], splits, registry(), device="cpu")
-    gpu = Trainer([config(**SMALL)], splits, registry(), device="cuda")
+    gpu = Trainer([config(**SMALL)], splits, registry(), device="cuda", cuda_graphs=graphs)
     (rc,), (rg,) = cpu.fit(), gpu.fit()
     assert gpu.train_x.is_cuda and gpu.params["layers.0.weight"].is_cuda  # the data lives on the GPU
+    assert gpu.graphs == (graphs is None)
+    atol = GRAPHED_ATOL if gpu.graphs else 1e-9
     pc, pg = params_of(cpu), params_of(gpu)
     for name in pc:
-        assert torch.allclose(pc[name], pg[name].cpu(), rtol=0, atol=1e-9), name
-    assert rc.final["val_loss"] == pytest.approx(rg.final["val_loss"], rel=1e-9)
+        assert torch.allclose(pc[name], pg[name].cpu(), rtol=0, atol=atol), name
+    assert rc.final["val_loss"] == pytest.approx(rg.final["val_loss"], rel=atol)
 
 
 def test_cuda_stacked_with_dropout_trains_every_model(shared_mnist_dir):
@@ -119,9 +128,9 @@ def test_models_with_nonfinite_gradients_are_skipped_inside_the_cuda_graph():
     skipped = {name: [sum(m["skipped_steps"] for m in r.epochs) for r in rs] for name, rs in results.items()}
     assert skipped["graphed"] == skipped["eager"] == skipped["cpu"], skipped
     assert skipped["cpu"][0] == 0 and 0 < skipped["cpu"][1] < 40 and skipped["cpu"][2] == 40
-    for name in ("graphed", "eager"):
+    for name, atol in (("graphed", GRAPHED_ATOL), ("eager", 1e-9)):
         for n, p in params_of(runs["cpu"]).items():
-            assert torch.allclose(params_of(runs[name])[n].cpu(), p, rtol=0, atol=1e-9), (name, n)
+            assert torch.allclose(params_of(runs[name])[n].cpu(), p, rtol=0, atol=atol), (name, n)
     for n, p in params_of(graphed, 2).items():
         assert torch.equal(p.cpu(), init[n]), n
 
