@@ -82,8 +82,9 @@ def test_one_and_two_ranks_train_the_same_parameters(cluster, tmp_path, capsys):
 
 
 def test_gangs_stay_warm_same_processes_one_process_group(cluster, tmp_path, capsys):
-    """A gang that fills the cluster runs job after job: the same rank processes, one process group."""
-    whole = {"scaling": {"num_workers": 2, "cpus_per_worker": 2}}
+    """A gang that fills the cluster runs job after job: the same rank processes, one process group. (The jobs opt
+    out of packing, which would train the three seeds as one run: tests/test_packing_daemon.py covers packs.)"""
+    whole = {"scaling": {"num_workers": 2, "cpus_per_worker": 2, "pack": False}}
 
     def gang():
         (g,) = [g for g in ray.get(cluster["handle"].gangs_info.remote()) if g["shape"]["cpus_per_worker"] == 2]
