@@ -261,7 +261,7 @@ class Coordinator:
                 free_gpus -= need_gpus
                 gang = Gang.create(shape, strategy=self.strategy, plugin_dirs=self.plugin_dirs)
                 self.gangs[gang.id] = gang
-            running = self._pack(row, queued[i + 1:], shape, gang, taken)
+            running = self._pack(queued, i, shape, gang, taken)
             gang.busy = True
             for job_id in running.active:
                 self.store.transition(job_id, JobState.PLACING)
@@ -269,9 +269,10 @@ class Coordinator:
                 self.running[job_id] = running
             asyncio.get_running_loop().create_task(self._run(running))
 
-    def _pack(self, head, rest, shape: GangShape, gang: Gang, taken: set[str]) -> RunningPack:
-        """The pack `head` starts: the pack it was part of when that lost its gang (same members, to resume from
-        its checkpoints), else `head` and the queued jobs of the same pack key, shape and priority."""
+    def _pack(self, queued, i: int, shape: GangShape, gang: Gang, taken: set[str]) -> RunningPack:
+        """The pack queued[i] starts: the pack it was part of when that lost its gang (same members, to resume from
+        its checkpoints), else it and the queued jobs after it of the same pack key, shape and priority."""
+        head, rest = queued[i], queued[i + 1:]
         if head["pack_id"]:
             members = self.store.pack_members(head["pack_id"]) or [head["id"]]
             queued = {r["id"] for r in [head, *rest]}
@@ -283,8 +284,9 @@ class Coordinator:
         candidates = [r for r in rest if r["id"] not in taken and not r["pack_id"]]
         if limit > 1:
             # Spread a short queue over every gang the cluster can hold at once: one big pack on one gang while
-            # the others idle would make a sweep slower than no packing at all.
-            same = 1 + sum(1 for r in candidates if key(r) == key(head))
+            # the others idle would make a sweep slower than no packing at all. Counted over the whole queue of
+            # this tick, so that every pack formed in it gets the same size.
+            same = sum(1 for r in queued if not r["pack_id"] and key(r) == key(head))
             limit = min(limit, -(-same // self._slots(shape)))
         rows = take_pack(head, candidates, limit, key)
         members = [r["id"] for r in rows]
