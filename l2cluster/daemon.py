@@ -107,11 +107,18 @@ def connect(address: str | None = None) -> None:
         from ray._raylet import Config
 
         Config.initialize("")
-    try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR",
-                 configure_logging=False)
-    except (ConnectionError, RuntimeError) as e:
-        raise DaemonError(f"cannot reach the Ray cluster at {address}: {e}") from None
+    for attempt in range(3):
+        try:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR",
+                     configure_logging=False)
+            return
+        except (ConnectionError, RuntimeError) as e:
+            # Ray Client's proxy starts a server process per client; when that start fails ("Starting Ray client
+            # server failed", seen on a loaded 2-core machine) a new connection gets a new server: try again.
+            if address.startswith("ray://") and "client server failed" in str(e) and attempt < 2:
+                time.sleep(2.0)
+                continue
+            raise DaemonError(f"cannot reach the Ray cluster at {address}: {e}") from None
 
 
 def coordinator():

@@ -38,8 +38,10 @@ LOOPBACK_JOIN = ("import sys, ray._private.services as s; s.resolve_ip_for_local
                  "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())")
 TERMINAL = {"succeeded", "failed", "diverged", "cancelled"}
 # Eight one-rank jobs of a few seconds each: enough to keep both nodes busy past the point where the second one dies.
+# One job per gang (scaling.pack: false): packed, the eight jobs finish before a node can be lost under them.
 SPEC = {"name": "loopback", "model": {"hidden_sizes": [256, 256]}, "data": {"batch_size": 50, "val_size": 100},
-        "optimizer": {"name": "adam", "lr": 0.01}, "epochs": 100, "sweep": {"seeds": list(range(8))}}
+        "optimizer": {"name": "adam", "lr": 0.01}, "epochs": 100, "sweep": {"seeds": list(range(8))},
+        "scaling": {"pack": False}}
 
 
 def free_port() -> int:
