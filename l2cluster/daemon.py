@@ -113,9 +113,10 @@ def connect(address: str | None = None) -> None:
                      configure_logging=False)
             return
         except (ConnectionError, RuntimeError) as e:
-            # Ray Client's proxy starts a server process per client; when that start fails ("Starting Ray client
-            # server failed", seen on a loaded 2-core machine) a new connection gets a new server: try again.
-            if address.startswith("ray://") and "client server failed" in str(e) and attempt < 2:
+            # Ray Client's proxy starts a server process per client; when that process dies at once ("Starting Ray
+            # client server failed", or a ZombieProcess, seen on this 2-core machine) a new connection gets a new
+            # server: try again.
+            if address.startswith("ray://") and "Initialization failure from server" in str(e) and attempt < 2:
                 time.sleep(2.0)
                 continue
             raise DaemonError(f"cannot reach the Ray cluster at {address}: {e}") from None
