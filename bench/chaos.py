@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import random
 import signal
@@ -62,6 +63,15 @@ def outcome(store: Store, job_id: str):
     final = {k: v for k, v in result["final"].items() if k not in TIMINGS}
     epochs = [{k: v for k, v in e.items() if k not in TIMINGS} for e in store.epochs(job_id)]
     return result["outcome"], final, epochs
+
+
+def close(a, b, rel: float = 1e-4) -> bool:
+    """Two outcomes equal up to float32 rounding: the same outcome and epochs, every number within `rel`."""
+    if a is None or b is None or a[0] != b[0] or len(a[2]) != len(b[2]):
+        return False
+    pairs = [(a[1], b[1]), *zip(a[2], b[2])]
+    return all(math.isclose(x[k], y[k], rel_tol=rel, abs_tol=1e-6) if isinstance(x[k], float) else x[k] == y[k]
+               for x, y in pairs for k in x)
 
 
 def progress(store: Store, gang: dict) -> int:
@@ -137,9 +147,15 @@ def main(argv=None) -> int:
         resumed = [j for j in jobs if j["attempts"] > 1]
         from_checkpoint = [j for j in resumed if any((e["detail"] or "").startswith("resumed from the checkpoint")
                                                      for e in store.events(j["job"]))]
-        mismatched = [j["job"] for j in jobs
-                      if outcome(store, j["job"]) != outcome(store, twins[(j["seed"],
-                                                                           tuple(sorted(j["overrides"].items())))])]
+        twin_of = {j["job"]: twins[(j["seed"], tuple(sorted(j["overrides"].items())))] for j in jobs}
+        size = lambda job_id: len(store.pack_members(store.job(job_id)["pack_id"]) or [job_id])  # noqa: E731
+        # A job packed with as many members as its twin must end bit for bit as the twin. One that the scheduler
+        # packed differently (pack sizes follow the queue, which kills change) runs other float32 kernels: it
+        # must agree to rounding only.
+        same_size = [j["job"] for j in jobs if size(j["job"]) == size(twin_of[j["job"]])]
+        mismatched = [j for j in same_size if outcome(store, j) != outcome(store, twin_of[j])]
+        other_size = [j["job"] for j in jobs if j["job"] not in same_size]
+        far = [j for j in other_size if not close(outcome(store, j), outcome(store, twin_of[j]))]
         states = {}
         for j in jobs:
             states[j["state"]] = states.get(j["state"], 0) + 1
@@ -152,9 +168,12 @@ def main(argv=None) -> int:
         print(f"packs whose ranks were killed: {len(last_kill_epoch)}; jobs resumed: {len(resumed)} (attempts > 1), "
               f"{len(from_checkpoint)} of them from a checkpoint; "
               f"max attempts of a job: {max(j['attempts'] for j in jobs)}")
-        print(f"every job's final and per-epoch metrics equal its uninterrupted twin: {not mismatched}"
+        print(f"jobs in a pack of their twin's size whose final and per-epoch metrics equal the twin's bit for bit: "
+              f"{len(same_size) - len(mismatched)} of {len(same_size)}"
               + (f" (differ: {mismatched})" if mismatched else ""))
-        ok = not mismatched and not twice and len(finished) == len(jobs)
+        print(f"jobs packed differently from their twin, equal to rounding (rel 1e-4): {len(other_size) - len(far)} "
+              f"of {len(other_size)}" + (f" (differ: {far})" if far else ""))
+        ok = not mismatched and not far and not twice and len(finished) == len(jobs)
     finally:
         with contextlib.suppress(RayError):
             ray.get(handle.shutdown.remote(), timeout=30)
