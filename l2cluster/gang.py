@@ -137,7 +137,7 @@ class RankWorker:
                 coordinator.report_result.remote(job_id, attempt, result)
 
             def cancelled():
-                return True if self.cancel_all.is_set() else set(self.cancelled_jobs)
+                return True if self.cancel_all.is_set() else self.cancelled_jobs
 
             run = run_pack(pack, self.splits[key], self.registry, device=device, checkpoint_dir=checkpoint_dir,
                            rank=self.rank, world=self.world, done=set(done), on_epoch=on_epoch, on_result=on_result,

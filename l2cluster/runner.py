@@ -135,6 +135,8 @@ def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, do
 
     def should_stop() -> bool | list[int]:
         asked = cancelled() if cancelled is not None else False
+        if not asked and world == 1:
+            return False  # the common case, every step: nothing to scan
         stop = [k for k, j in enumerate(ids) if asked is True or (asked and j in asked)]
         if world > 1:  # every rank must stop the same members at the same step, or the others hang
             flags = torch.zeros(len(ids), device=device)

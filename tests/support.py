@@ -39,6 +39,36 @@ class InfGradients(Regularizer):
             p.grad.masked_fill_(bad.view(-1, *[1] * (p.dim() - 1)), float("inf"))
 
 
+class AtStep(BaseModel):
+    """Config of the test plugins that go wrong at one global step (per model when stacked)."""
+
+    model_config = ConfigDict(extra="forbid")
+    at_step: int = 10**9
+
+
+class NanPenalty(Regularizer):
+    """A penalty that is NaN at step `at_step`: the plugin, not the model, made the numbers non-finite."""
+
+    name = "nan_penalty"
+    Config = AtStep
+
+    def penalty(self, params, hp, step):
+        w = params["layers.0.weight"]
+        out = 1e-4 * w.flatten(1).pow(2).sum(1)
+        return torch.where(hp.at_step == step, torch.full_like(out, float("nan")), out)
+
+
+class InfPenalty(Regularizer):
+    """A penalty that overflows to inf at step `at_step`: a divergence."""
+
+    name = "inf_penalty"
+    Config = AtStep
+
+    def penalty(self, params, hp, step):
+        out = params["layers.0.weight"].flatten(1).sum(1) * 0
+        return torch.where(hp.at_step == step, torch.full_like(out, float("inf")), out)
+
+
 def registry_with(*plugins) -> Registry:
     """The built-ins plus test plugins."""
     reg = Registry()

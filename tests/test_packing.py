@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from pydantic import BaseModel, ConfigDict
-from support import config, params_of, registry, synthetic_splits
+from support import InfPenalty, NanPenalty, config, params_of, registry, synthetic_splits
 
 from l2cluster.packing import (
     CPU_DEFAULT_MAX_PACK,
@@ -165,29 +165,7 @@ def test_a_pack_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tmp_pat
 # -- a member ends alone ---------------------------------------------------------------------------------------
 class _At(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    at: float = 1e9  # per member: the global step (or the limit) at which the hook goes wrong
-
-
-class Overflow(Regularizer):
-    """A penalty that overflows to inf at step `at`: the member diverges."""
-
-    name = "overflow"
-    Config = _At
-
-    def penalty(self, params, hp, step):
-        out = params["layers.0.weight"].flatten(1).sum(1) * 0
-        return torch.where(hp.at == step, torch.full_like(out, float("inf")), out)
-
-
-class Nan(Regularizer):
-    """A penalty that is NaN from step `at` on: the plugin fails that member."""
-
-    name = "nan"
-    Config = _At
-
-    def penalty(self, params, hp, step):
-        out = params["layers.0.weight"].flatten(1).sum(1) * 0
-        return torch.where(hp.at <= step, torch.full_like(out, float("nan")), out)
+    at: float = 1e9  # per member: the limit below which the hook raises
 
 
 class Raises(Regularizer):
@@ -205,20 +183,21 @@ class Raises(Regularizer):
 def _registry() -> Registry:
     reg = Registry()
     load_builtins(reg)
-    for plugin in (Overflow, Nan, Raises):
+    for plugin in (InfPenalty, NanPenalty, Raises):
         reg.register(plugin, "test")
     return reg
 
 
-@pytest.mark.parametrize(("plugin", "bad", "outcome", "error"), [
-    ("overflow", 15.0, "diverged", "loss became non-finite in epoch 2"),
-    ("nan", 15.0, "failed", "plugin 'nan', hook 'penalty': returned NaN from finite parameters in epoch 2"),
-    ("raises", 0.5, "failed", "plugin 'raises', hook 'penalty': ValueError: at below 1 is not supported"),
+@pytest.mark.parametrize(("plugin", "field", "bad", "outcome", "error"), [
+    ("inf_penalty", "at_step", 15, "diverged", "loss became non-finite in epoch 2"),
+    ("nan_penalty", "at_step", 15, "failed",
+     "plugin 'nan_penalty', hook 'penalty': returned NaN from finite parameters in epoch 2"),
+    ("raises", "at", 0.5, "failed", "plugin 'raises', hook 'penalty': ValueError: at below 1 is not supported"),
 ])
-def test_a_member_that_diverges_or_whose_plugin_fails_ends_alone(plugin, bad, outcome, error):
+def test_a_member_that_diverges_or_whose_plugin_fails_ends_alone(plugin, field, bad, outcome, error):
     reg = _registry()
-    ats = [1e9, bad, 1e9]
-    pack = [Member(m.job_id, member_config(reg=reg, **s, more=[{"name": plugin, "at": at}]))
+    ats = [10**9, bad, 10**9]
+    pack = [Member(m.job_id, member_config(reg=reg, **s, more=[{"name": plugin, field: at}]))
             for m, s, at in zip(members(), SETTINGS, ats)]
     reported = []
     run = run_pack(pack, splits(), reg, device=torch.device("cpu"), on_result=lambda j, r: reported.append(j))

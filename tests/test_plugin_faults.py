@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pydantic import BaseModel, ConfigDict
-from support import config, params_of, synthetic_splits
+from support import AtStep, InfPenalty, NanPenalty, config, params_of, synthetic_splits
 
 from l2cluster.plugin import Regularizer
 from l2cluster.registry import Registry, load_builtins
@@ -24,28 +23,7 @@ SMALL = dict(model={"hidden_sizes": [16], "dtype": "float64"}, data={"batch_size
 STEPS_PER_EPOCH = 10
 
 
-class _Cfg(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    at_step: int = 10**9  # the global step at which the hook goes wrong; per model when stacked
-
-
-class NanPenalty(Regularizer):
-    name = "nan_penalty"
-    Config = _Cfg
-
-    def penalty(self, params, hp, step):
-        w = params["layers.0.weight"]
-        out = 1e-4 * w.flatten(1).pow(2).sum(1)
-        return torch.where(hp.at_step == step, torch.full_like(out, NAN), out)
-
-
-class InfPenalty(Regularizer):
-    name = "inf_penalty"
-    Config = _Cfg
-
-    def penalty(self, params, hp, step):
-        out = params["layers.0.weight"].flatten(1).sum(1) * 0
-        return torch.where(hp.at_step == step, torch.full_like(out, float("inf")), out)
+_Cfg = AtStep
 
 
 class NanActivation(Regularizer):
