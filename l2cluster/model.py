@@ -98,6 +98,7 @@ class StackedMLP(nn.Module):
         super().__init__()
         sizes = [in_features, *hidden_sizes, num_classes]
         self.num_models = num_models
+        self.num_classes = num_classes
         self.num_hidden = len(hidden_sizes)
         self.act = ACTIVATIONS[activation]
         self.layers = nn.ModuleList(

@@ -4,17 +4,19 @@ Plain PyTorch — it never imports ray. Data lives as tensors on the training de
 by index from a per-epoch permutation derived from the job seed (no per-sample DataLoader). Works inside an
 initialised torch.distributed process group: every rank draws the same global batch and takes its shard.
 
-One step:  forward (on_activation) → loss + penalty → backward → all-reduce (DDP) → on_gradients
-           → before_step → optimizer step → after_step
+One step:  on_batch → forward (on_activation) → cross-entropy + example_penalty + penalty → backward
+           → all-reduce (DDP) → on_gradients → before_step → optimizer step → after_step
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import math
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from l2cluster.data import Splits
 from l2cluster.model import StackedMLP
 from l2cluster.packing import stack_key
-from l2cluster.plugin import HookError, HyperParams, StackedRNG, per_model_norm
+from l2cluster.plugin import HookError, HyperParams, StackedRNG, TrainContext, per_model_norm
 from l2cluster.registry import PluginInfo, Registry
 
 _EVAL_ROWS = 65536  # examples × models per evaluation chunk: bounds the activations' memory at any K
@@ -86,6 +88,25 @@ def resolve_device(use_gpu: str | bool) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass
+class _Plugin:
+    """One regularizer entry of the stack: the plugin, its config for the K models and its per-job state."""
+
+    info: PluginInfo
+    hp: HyperParams
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    metric: str | None = None  # "penalty_<name>" for plugins that add to the loss …
+    row: int = -1  # … and its row in the trainer's per-epoch sums of what they added
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+_HOOKS = ("on_batch", "on_activation", "example_penalty", "penalty", "on_gradients", "before_step", "after_step",
+          "eval_params")
+
+
 def pack_key(config) -> str:
     """Jobs with equal keys can be trained stacked: they differ only in seed and numeric plugin settings."""
     return stack_key(config.model_dump(mode="json"))
@@ -125,19 +146,26 @@ class Trainer:
         self.params: dict[str, torch.nn.Parameter] = dict(self.model.named_parameters())
         # Every rank draws the same permutation (the global batch), then takes its shard.
         self.order_gens = [torch.Generator().manual_seed(derive_seed(s, "order")) for s in seeds]
+        # Two random streams per model: this rank's own (activations: dropout), and one shared by the ranks for
+        # what every rank must draw alike (the global batch's transforms, changes to the parameters).
         self.rng = StackedRNG([derive_seed(s, "dropout", self.rank) for s in seeds], self.device)
+        self.shared_rng = StackedRNG([derive_seed(s, "shared") for s in seeds], self.device)
         self.graphs = False  # decided below, once the plugins are known
+        n_train, batch = len(self.train_y), cfg.data.batch_size
+        self.ctx = TrainContext(
+            num_models=K, world_size=self.world, rank=self.rank, global_batch=batch,
+            local_batch=len(range(self.rank, batch, self.world)), steps_per_epoch=math.ceil(n_train / batch),
+            train_size=n_train, num_classes=self.model.num_classes, device=self.device, dtype=self.dtype)
 
-        self.plugins: list[tuple[PluginInfo, HyperParams]] = []
+        self.plugins: list[_Plugin] = []
         for i, reg in enumerate(cfg.regularizers):
             info = registry.get(reg.name)
             try:
                 hp = HyperParams([c.regularizers[i] for c in configs], dtype=self.dtype, device=self.device)
             except ValueError as e:
                 raise ValueError(f"regularizers[{i}] ({reg.name}): {e}") from None
-            self.plugins.append((info, hp))
-        self._with = {h: [(i, hp) for i, hp in self.plugins if h in i.hooks]
-                      for h in ("penalty", "on_activation", "on_gradients", "before_step", "after_step")}
+            self.plugins.append(_Plugin(info, hp))
+        self._with = {h: [p for p in self.plugins if h in p.info.hooks] for h in _HOOKS}
         # Why this trainer replays no CUDA graph (None while it does): for the job's log.
         self.graphs_off_reason = (self._graphs_off_reason() if cuda_graphs is not False
                                   else "turned off by the caller (cuda_graphs=False)")
@@ -160,6 +188,8 @@ class Trainer:
         self._sums = torch.zeros(4, K, dtype=torch.float64, device=self.device)
         self._counters = {k: torch.zeros(K, dtype=torch.float64, device=self.device) for k in ("clipped", "skipped")}
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._hidden: list[torch.Tensor] | None = None  # hidden activations of the step, when a hook takes them
+        self._wants_hidden = any("hidden" in p.info.hooks["example_penalty"].args for p in self._with["example_penalty"])
         self._probe: _NonFiniteProbe | None = None  # set only while an epoch is replayed to blame a plugin
         self.graph_error: str | None = None
         self.hook_error: HookError | None = None  # set when a hook raised and failed the whole stack
@@ -172,6 +202,12 @@ class Trainer:
         self.alive = torch.ones(K, dtype=torch.bool)
         self.best: list[tuple[float, int]] = [(-1.0, 0)] * K
         self.results = [RunResult("running") for _ in range(K)]
+        self._init_plugins()
+        # Per plugin that adds to the loss: the sum over the epoch's steps of what it added, per model.
+        self._loss_plugins = [p for p in self.plugins if p.metric]
+        for row, plug in enumerate(self._loss_plugins):
+            plug.row = row
+        self._penalties = torch.zeros(len(self._loss_plugins), K, dtype=torch.float64, device=self.device)
 
     # -- set-up helpers -------------------------------------------------------------------------------------
     def _features(self, images: torch.Tensor) -> torch.Tensor:
@@ -182,46 +218,136 @@ class Trainer:
         return labels.to(device=self.device, dtype=torch.long)
 
     # -- hooks ----------------------------------------------------------------------------------------------
-    def _call(self, info: PluginInfo, hook: str, **offered):
+    def _init_plugins(self) -> None:
+        """Name the loss metrics, and build each plugin's per-job state (init_state)."""
+        names = [p.name for p in self.plugins]
+        for i, plug in enumerate(self.plugins):
+            if {"penalty", "example_penalty"} & set(plug.info.hooks):
+                plug.metric = f"penalty_{plug.name}" + (f"_{i}" if names.count(plug.name) > 1 else "")
+            takes_state = sorted(h for h, impl in plug.info.hooks.items() if "state" in impl.args)
+            if "init_state" not in plug.info.hooks:
+                if takes_state:
+                    raise HookError(plug.name, takes_state[0], "takes `state` but the plugin has no init_state "
+                                    "hook to create it; add init_state(params, hp, ctx) returning its tensors")
+                continue
+            with torch.no_grad():
+                out = self._call(plug, "init_state")
+            if not isinstance(out, dict) or not all(isinstance(k, str) for k in out):
+                raise HookError(plug.name, "init_state", f"returned {_describe(out)}; expected a dict of named "
+                                                         "tensors")
+            for key, t in out.items():
+                if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != self.K:
+                    raise HookError(plug.name, "init_state", f"state {key!r} is {_describe(t)}; expected a tensor "
+                                                             f"with the model axis first, shape ({self.K}, …)")
+                if t.device.type != self.device.type:
+                    raise HookError(plug.name, "init_state", f"state {key!r} is on {t.device}; create it on "
+                                                             f"ctx.device ({self.device.type})")
+            plug.state = {k: t.detach() for k, t in out.items()}
+
+    def _call(self, plug: _Plugin, hook: str, ctx: TrainContext | None = None, **offered):
+        """Call a plugin's hook with what it takes of the offered arguments (plus the ones every hook may take).
+        An exception becomes a HookError that names the plugin and hook and keeps the plugin's traceback."""
+        rng = self.rng if hook in ("on_activation", "example_penalty") else self.shared_rng
+        offered = {"hp": plug.hp, "ctx": ctx or self.ctx, "rng": rng, "state": plug.state, "params": self.params,
+                   "step": self.step_count, **offered}
         try:
-            return info.hooks[hook](**offered)
+            return plug.info.hooks[hook](**offered)
         except HookError:
             raise
         except Exception as e:
-            raise HookError(info.name, hook, f"{type(e).__name__}: {e}") from e
+            raise HookError(plug.name, hook, f"{type(e).__name__}: {e}", _plugin_trace(e)) from e
 
     def _activation(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        for info, hp in self._with["on_activation"]:
-            out = self._call(info, "on_activation", x=x, layer=layer, num_layers=self.model.num_hidden,
-                             hp=hp, rng=self.rng)
+        if self._hidden is not None:
+            self._hidden.append(x)
+        for plug in self._with["on_activation"]:
+            out = self._call(plug, "on_activation", x=x, layer=layer, num_layers=self.model.num_hidden)
             if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-                raise HookError(info.name, "on_activation",
+                raise HookError(plug.name, "on_activation",
                                 f"returned {_describe(out)}; expected a tensor of shape {tuple(x.shape)}")
-            self._check_kind(info, "on_activation", out)
+            self._check_kind(plug, "on_activation", out)
             if self._probe is not None:
-                self._probe.saw(_finite(x) & _nan(out), info.name, "on_activation:returned NaN activations from "
+                self._probe.saw(_finite(x) & _nan(out), plug.name, "on_activation:returned NaN activations from "
                                                                    "finite inputs")
             x = out
         return x
 
-    def _penalty(self, epoch: int) -> torch.Tensor | None:
-        total = None
-        for info, hp in self._with["penalty"]:
-            out = self._call(info, "penalty", params=self.params, hp=hp, epoch=epoch, step=self.step_count)
-            if not isinstance(out, torch.Tensor) or out.shape != (self.K,):
-                raise HookError(info.name, "penalty",
-                                f"returned {_describe(out)}; expected a tensor of shape ({self.K},), one per model")
-            self._check_kind(info, "penalty", out)
+    def _batch(self, x: torch.Tensor, targets: torch.Tensor, epoch: int, ctx: TrainContext):
+        """The on_batch hooks, in order, on the global batch: inputs [K, B, 784], targets [K, B] or [K, B, C]."""
+        for plug in self._with["on_batch"]:
+            out = self._call(plug, "on_batch", ctx=ctx, x=x, targets=targets, epoch=epoch)
+            if out is None:
+                continue
+            if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+                raise HookError(plug.name, "on_batch", f"returned {_describe(out)}; expected (x, targets) or None")
+            new_x, new_t = out
+            if new_x.shape != x.shape:
+                raise HookError(plug.name, "on_batch", f"returned x of shape {tuple(new_x.shape)}; expected "
+                                                       f"{tuple(x.shape)}")
+            self._check_kind(plug, "on_batch", new_x)
+            soft = (*targets.shape[:2], self.ctx.num_classes)
+            if new_t.shape == targets.shape[:2] and not new_t.is_floating_point():
+                pass  # class indices
+            elif new_t.shape == soft and new_t.is_floating_point():
+                new_t = new_t.to(x.dtype)
+            else:
+                raise HookError(plug.name, "on_batch", f"returned targets {_describe(new_t)} ({new_t.dtype}); "
+                                f"expected class indices {tuple(targets.shape[:2])} (int64) or probabilities {soft}")
             if self._probe is not None:
-                self._probe.saw(_all_finite(self.params.values()) & _nan(out), info.name,
-                                "penalty:returned NaN from finite parameters")
-            total = out if total is None else total + out
-        return total
+                self._probe.saw(_finite(x) & _nan(new_x), plug.name, "on_batch:returned NaN inputs from finite ones")
+            x, targets = new_x, new_t
+        return x, targets
 
-    def _check_kind(self, info: PluginInfo, hook: str, out: torch.Tensor) -> None:
+    def _example_terms(self, logits, targets, epoch: int, ctx: TrainContext) -> list[tuple[_Plugin, torch.Tensor]]:
+        terms = []
+        for plug in self._with["example_penalty"]:
+            out = self._call(plug, "example_penalty", ctx=ctx, logits=logits, targets=targets,
+                             hidden=tuple(self._hidden or ()), epoch=epoch)
+            if not isinstance(out, torch.Tensor) or out.shape != logits.shape[:2]:
+                raise HookError(plug.name, "example_penalty", f"returned {_describe(out)}; expected a tensor of "
+                                f"shape {tuple(logits.shape[:2])}, one value per model and example")
+            self._check_kind(plug, "example_penalty", out)
+            if self._probe is not None:
+                self._probe.saw(_finite(logits) & _nan(out), plug.name,
+                                "example_penalty:returned NaN from finite logits")
+            terms.append((plug, out))
+        return terms
+
+    def _penalty(self, epoch: int, ctx: TrainContext) -> list[tuple[_Plugin, torch.Tensor]]:
+        terms = []
+        for plug in self._with["penalty"]:
+            out = self._call(plug, "penalty", ctx=ctx, epoch=epoch)
+            if not isinstance(out, torch.Tensor) or out.shape != (self.K,):
+                raise HookError(plug.name, "penalty",
+                                f"returned {_describe(out)}; expected a tensor of shape ({self.K},), one per model")
+            self._check_kind(plug, "penalty", out)
+            if self._probe is not None:
+                self._probe.saw(_all_finite(self.params.values()) & _nan(out), plug.name,
+                                "penalty:returned NaN from finite parameters")
+            terms.append((plug, out))
+        return terms
+
+    def _check_kind(self, plug: _Plugin, hook: str, out: torch.Tensor) -> None:
         if not out.is_floating_point() or out.device.type != self.device.type:
-            raise HookError(info.name, hook, f"returned a {out.dtype} tensor on {out.device}; expected a "
+            raise HookError(plug.name, hook, f"returned a {out.dtype} tensor on {out.device}; expected a "
                                              f"floating-point tensor on {self.device.type}")
+
+    def _eval_params(self) -> dict[str, torch.Tensor] | None:
+        """The weights evaluation uses: the trained ones, unless an eval_params hook chooses others (EMA)."""
+        if not self._with["eval_params"]:
+            return None
+        chosen = dict(self.params)
+        for plug in self._with["eval_params"]:
+            out = self._call(plug, "eval_params", params=chosen)
+            if out is None:
+                continue
+            for name, t in dict(out).items():
+                if name not in chosen or not isinstance(t, torch.Tensor) or t.shape != chosen[name].shape:
+                    expected = tuple(chosen[name].shape) if name in chosen else f"one of {', '.join(chosen)}"
+                    raise HookError(plug.name, "eval_params", f"returned {name!r}: {_describe(t)}; expected "
+                                                              f"{expected}")
+                chosen[name] = t
+        return chosen
 
     # -- the loop -------------------------------------------------------------------------------------------
     def fit(
@@ -271,6 +397,7 @@ class Trainer:
             # Per-model sums, kept on the device so the loop never waits for it:
             # rows = CE loss sum, correct, objective (loss + penalty) sum, grad-norm sum.
             sums = self._sums.zero_()
+            self._penalties.zero_()
             counters = self._counters
             for c in counters.values():
                 c.zero_()
@@ -279,12 +406,10 @@ class Trainer:
                 if stop and (stop is True or not self.stop_models(stop)):
                     return True
                 global_idx = order[:, s * batch:(s + 1) * batch]
-                # DDP: each rank takes every world-th example of the global batch.
-                idx = global_idx[:, self.rank::self.world] if self.world > 1 else global_idx
                 if self.graphs and global_idx.shape[1] == batch:
-                    self._graph_step(idx, batch, epoch)
+                    self._graph_step(global_idx, epoch)
                 else:
-                    self._step(self.train_x[idx], self.train_y[idx], global_idx.shape[1], epoch, lr_k, sums, counters)
+                    self._step(global_idx, epoch, lr_k, sums, counters)
                 check = self.world == 1 and s % _NONFINITE_CHECK_EVERY == _NONFINITE_CHECK_EVERY - 1
                 if check and not bool(torch.isfinite(sums[2].cpu())[alive].any()):
                     break  # every live model has diverged: no point finishing the epoch
@@ -292,9 +417,13 @@ class Trainer:
                 # One collective for the epoch's metrics. Grad norms and hook counters need none: every rank
                 # saw the same all-reduced gradients.
                 dist.all_reduce(sums[:3])
+                if len(self._penalties):  # each rank added its share of the loss terms
+                    dist.all_reduce(self._penalties)
             val_loss, val_acc = self.evaluate(self.val_x, self.val_y)
             epoch_s = time.perf_counter() - t0
             sums_cpu, counts = sums.cpu(), {k: v.cpu() for k, v in counters.items()}
+            steps_run = max(1, self.step_count - steps_before)
+            penalties = (self._penalties / steps_run).cpu()
             wnorm = self.weight_norms().cpu()
             nonfinite = [k for k in range(K) if alive[k] and not (
                 math.isfinite(float(sums_cpu[2, k])) and math.isfinite(float(val_loss[k])))]
@@ -314,10 +443,11 @@ class Trainer:
                     "val_acc": float(val_acc[k]),
                     "lr": lr,
                     "weight_norm": float(wnorm[k]),
-                    "grad_norm": float(sums_cpu[3, k] / max(1, self.step_count - steps_before)),
+                    "grad_norm": float(sums_cpu[3, k] / steps_run),
                     "clipped_steps": int(counts["clipped"][k]),
                     "skipped_steps": int(counts["skipped"][k]),
                     **{f"{key}_steps": int(v[k]) for key, v in counts.items() if key not in ("clipped", "skipped")},
+                    **{p.metric: float(penalties[row, k]) for row, p in enumerate(self._loss_plugins)},
                     "epoch_s": epoch_s,
                 }
                 results[k].epochs.append(m)
@@ -382,6 +512,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "order_rng": [g.get_state() for g in self.order_gens],
             "dropout_rng": self.rng.state(),
+            "shared_rng": self.shared_rng.state(),
+            "plugin_state": [{k: v.detach().cpu().clone() for k, v in p.state.items()} for p in self.plugins],
             "alive": self.alive.clone(),
             "best": list(self.best),
             "results": [r.to_dict() for r in self.results],
@@ -404,10 +536,24 @@ class Trainer:
         for g, s in zip(self.order_gens, state["order_rng"]):
             g.set_state(s)
         self.rng.set_state(state["dropout_rng"])
+        if "shared_rng" in state:  # absent from checkpoints written before it existed (nothing drew from it)
+            self.shared_rng.set_state(state["shared_rng"])
+        self._load_plugin_state(state.get("plugin_state") or [{} for _ in self.plugins])
         self.epochs_done, self.step_count, self.train_s = state["epochs_done"], state["step_count"], state["train_s"]
         self.alive = state["alive"].clone()
         self.best = [tuple(b) for b in state["best"]]
         self.results = [RunResult(**r) for r in state["results"]]
+
+    def _load_plugin_state(self, saved: list[dict]) -> None:
+        # In place: a captured CUDA graph keeps reading the same tensors.
+        if len(saved) != len(self.plugins):
+            raise ValueError(f"checkpoint holds state of {len(saved)} plugins, this trainer has {len(self.plugins)}")
+        for plug, values in zip(self.plugins, saved):
+            if set(values) != set(plug.state):
+                raise ValueError(f"checkpoint's state of plugin {plug.name!r} has {sorted(values)}, the plugin "
+                                 f"makes {sorted(plug.state)}")
+            for key, t in plug.state.items():
+                t.copy_(values[key])
 
     # -- blaming a plugin for non-finite numbers -------------------------------------------------------------
     def _capture(self) -> dict:
@@ -417,6 +563,8 @@ class Trainer:
             "optimizer": [{k: v.clone() if isinstance(v, torch.Tensor) else v
                            for k, v in self.optimizer.state.get(p, {}).items()} for p in self.params.values()],
             "dropout_rng": self.rng.state(),
+            "shared_rng": self.shared_rng.state(),
+            "plugin_state": [{k: v.clone() for k, v in p.state.items()} for p in self.plugins],
             "step_count": self.step_count,
         }
 
@@ -434,6 +582,8 @@ class Trainer:
                 elif isinstance(v, torch.Tensor):  # not there yet at the capture: zero is a fresh state
                     v.zero_()
         self.rng.set_state(saved["dropout_rng"])
+        self.shared_rng.set_state(saved["shared_rng"])
+        self._load_plugin_state(saved["plugin_state"])
         self.step_count = saved["step_count"]
 
     def _blame(self, epoch: int, order: torch.Tensor, epoch_start: dict, steps: int,
@@ -451,10 +601,8 @@ class Trainer:
         try:
             self._restore_capture(epoch_start)
             for s in range(steps):
-                global_idx = order[:, s * batch:(s + 1) * batch]
-                idx = global_idx[:, self.rank::self.world] if self.world > 1 else global_idx
                 probe.start_step(s)
-                self._step(self.train_x[idx], self.train_y[idx], global_idx.shape[1], epoch, lr_k, sums, counters)
+                self._step(order[:, s * batch:(s + 1) * batch], epoch, lr_k, sums, counters)
                 if self.distributed:  # every rank must replay the same steps; the earliest event wins
                     dist.all_reduce(probe.first, op=dist.ReduceOp.MIN)
                 if bool((probe.first[models] < _NO_EVENT).all()):
@@ -474,41 +622,39 @@ class Trainer:
             return f"not on a CUDA device ({self.device.type})"
         if self.world != 1:
             return f"DDP with {self.world} processes (the all-reduce runs between steps)"
-        for info, _ in self.plugins:
-            for name, h in info.hooks.items():
+        for plug in self.plugins:
+            for name, h in plug.info.hooks.items():
                 frozen = sorted({"epoch", "step"} & set(h.args))
-                if frozen:
-                    return f"plugin {info.name!r}, hook {name!r} takes {' and '.join(frozen)} (a graph would freeze it)"
+                if frozen and name not in ("init_state", "eval_params"):  # these run outside the step
+                    return f"plugin {plug.name!r}, hook {name!r} takes {' and '.join(frozen)} (a graph would freeze it)"
         return None
 
-    def _graph_step(self, idx: torch.Tensor, batch: int, epoch: int) -> None:
+    def _graph_step(self, idx: torch.Tensor, epoch: int) -> None:
         if self._graph is None and self._eager_steps_before_capture > 0:
             # Capture needs a few real steps first (optimizer state, cuBLAS workspaces), on a side stream.
             self._eager_steps_before_capture -= 1
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._step(self.train_x[idx], self.train_y[idx], batch, epoch, self._lr_k, self._sums,
-                           self._counters)
+                self._step(idx, epoch, self._lr_k, self._sums, self._counters)
             torch.cuda.current_stream().wait_stream(side)
             return
         if self._graph is None:
             self._graph_idx = idx.clone()
             graph = torch.cuda.CUDAGraph()
-            for gen in self.rng.generators:  # dropout draws advance with every replay, as they would eagerly
+            # Random draws (dropout, batch transforms) advance with every replay, as they would eagerly.
+            for gen in self.rng.generators + self.shared_rng.generators:
                 graph.register_generator_state(gen)
             self.optimizer.zero_grad(set_to_none=True)
             steps = self.step_count
             try:
                 with torch.cuda.graph(graph):
-                    self._step(self.train_x[self._graph_idx], self.train_y[self._graph_idx], batch, epoch,
-                               self._lr_k, self._sums, self._counters)
+                    self._step(self._graph_idx, epoch, self._lr_k, self._sums, self._counters)
             except RuntimeError as e:  # something in the step cannot be captured: train eagerly instead
                 self.graphs, self.graph_error, self.step_count = False, f"{type(e).__name__}: {e}", steps
                 self.graphs_off_reason = f"capture failed: {self.graph_error}"
                 torch.cuda.synchronize()
-                self._step(self.train_x[idx], self.train_y[idx], batch, epoch, self._lr_k, self._sums,
-                           self._counters)
+                self._step(idx, epoch, self._lr_k, self._sums, self._counters)
                 return
             self.step_count = steps  # capturing recorded the step without running it; the replay runs it
             self._graph = graph
@@ -516,19 +662,49 @@ class Trainer:
         self._graph.replay()
         self.step_count += 1
 
-    def _step(self, x, y, global_batch: int, epoch: int, lr_k, sums, counters) -> None:
-        K = self.K
-        logits = self.model(x, self._activation if self._with["on_activation"] else None)
-        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(K, -1)
-        # Sum over this rank's shard / global batch size: summed over ranks this is the global-batch mean,
-        # exact even when the last batch does not split evenly.
-        loss = ce.sum(1) / global_batch
+    def _step(self, global_idx: torch.Tensor, epoch: int, lr_k, sums, counters) -> None:
+        """One optimizer step on the global batch `global_idx` [K, B] (this rank trains on its shard of it)."""
+        K, world = self.K, self.world
+        global_batch = global_idx.shape[1]
+        ctx = self.ctx
+        if global_batch != ctx.global_batch:  # the epoch's last, smaller batch
+            ctx = dataclasses.replace(ctx, global_batch=global_batch,
+                                      local_batch=len(range(self.rank, global_batch, world)))
+        if self._with["on_batch"]:
+            # Every rank transforms the whole global batch alike (shared stream), then keeps its shard.
+            x, y = self.train_x[global_idx], self.train_y[global_idx]
+            x, targets = self._batch(x, y, epoch, ctx)
+            if world > 1:  # DDP: each rank takes every world-th example of the global batch
+                x, y, targets = x[:, self.rank::world], y[:, self.rank::world], targets[:, self.rank::world]
+        else:
+            idx = global_idx[:, self.rank::world] if world > 1 else global_idx
+            x, y = self.train_x[idx], self.train_y[idx]
+            targets = y
+        self._hidden = [] if self._wants_hidden else None
+        hook = self._activation if self._with["on_activation"] or self._wants_hidden else None
+        logits = self.model(x, hook)
+        # Class indices or (after on_batch) probabilities: cross_entropy takes either.
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(0, 1), reduction="none").view(K, -1)
         probe = self._probe
         if probe is not None:
-            probe.saw(~_finite(loss), None, "forward")  # the model's own numbers overflowed: a divergence
-        penalty = self._penalty(epoch)
-        if penalty is not None:
-            loss = loss + penalty / self.world  # the ranks' all-reduce sums it back to one penalty
+            probe.saw(~_finite(ce.sum(1)), None, "forward")  # the model's own numbers overflowed: a divergence
+        per_example = ce
+        added = []  # (plugin, what it adds to each model's loss)
+        for plug, term in self._example_terms(logits, targets, epoch, ctx):
+            per_example = per_example + term
+            added.append((plug, term.sum(1) / global_batch))
+        self._hidden = None
+        # Sum over this rank's shard / global batch size: summed over ranks this is the global-batch mean,
+        # exact even when the last batch does not split evenly.
+        loss = per_example.sum(1) / global_batch
+        for plug, value in self._penalty(epoch, ctx):
+            share = value / world  # the ranks' all-reduce sums it back to one penalty
+            loss = loss + share
+            added.append((plug, share))
+        if added:
+            with torch.no_grad():
+                for plug, value in added:
+                    self._penalties[plug.row] += value.detach().to(torch.float64)
         self.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()  # models are independent: d(Σ_k loss_k)/dθ_k = d loss_k/dθ_k
         if self.distributed:
@@ -537,16 +713,16 @@ class Trainer:
         with torch.no_grad():
             gnorm = per_model_norm(grads)
             skip = None
-            for info, hp in self._with["on_gradients"]:
+            for plug in self._with["on_gradients"]:
                 ok = (_all_finite(grads), _all_finite(self.params.values())) if probe is not None else None
-                out = self._call(info, "on_gradients", params=self.params, hp=hp, epoch=epoch, step=self.step_count)
+                out = self._call(plug, "on_gradients", ctx=ctx, epoch=epoch)
                 if probe is not None:
-                    probe.saw(ok[0] & _any_nan(grads), info.name, "on_gradients:made the gradients NaN")
-                    probe.saw(ok[1] & _any_nan(self.params.values()), info.name,
+                    probe.saw(ok[0] & _any_nan(grads), plug.name, "on_gradients:made the gradients NaN")
+                    probe.saw(ok[1] & _any_nan(self.params.values()), plug.name,
                               "on_gradients:made the parameters NaN")
                 for key, value in (out or {}).items():
                     if not isinstance(value, torch.Tensor) or value.shape != (K,):
-                        raise HookError(info.name, "on_gradients",
+                        raise HookError(plug.name, "on_gradients",
                                         f"returned {key!r}: {_describe(value)}; expected shape ({K},)")
                     if key == "skip":
                         skip = value.bool() if skip is None else skip | value.bool()
@@ -564,21 +740,21 @@ class Trainer:
                     return
                 elif bool(skip.any()):
                     snapshot = self._snapshot(skip)
-            for info, hp in self._with["before_step"]:
+            for plug in self._with["before_step"]:
                 ok = _all_finite(self.params.values()) if probe is not None else None
-                self._call(info, "before_step", params=self.params, hp=hp, lr=lr_k, epoch=epoch, step=self.step_count)
+                self._call(plug, "before_step", ctx=ctx, lr=lr_k, epoch=epoch)
                 if probe is not None:
-                    probe.saw(ok & _any_nan(self.params.values()), info.name, "before_step:made the parameters NaN")
+                    probe.saw(ok & _any_nan(self.params.values()), plug.name, "before_step:made the parameters NaN")
         self.optimizer.step()
         with torch.no_grad():
             if probe is not None:  # non-finite gradients or an overflow in the update: a divergence
                 stepped = ~skip if skip is not None else torch.ones(K, dtype=torch.bool, device=self.device)
                 probe.saw(stepped & ~_all_finite(self.params.values()), None, "optimizer step")
-            for info, hp in self._with["after_step"]:
+            for plug in self._with["after_step"]:
                 ok = stepped & _all_finite(self.params.values()) if probe is not None else None
-                self._call(info, "after_step", params=self.params, hp=hp, lr=lr_k, epoch=epoch, step=self.step_count)
+                self._call(plug, "after_step", ctx=ctx, lr=lr_k, epoch=epoch)
                 if probe is not None:
-                    probe.saw(ok & _any_nan(self.params.values()), info.name, "after_step:made the parameters NaN")
+                    probe.saw(ok & _any_nan(self.params.values()), plug.name, "after_step:made the parameters NaN")
             if snapshot is not None:
                 (self._restore if self._skip_on_host else self._restore_masked)(skip, snapshot)
             self._after_step_bookkeeping(sums, ce, logits, y, loss, gnorm)
@@ -618,7 +794,12 @@ class Trainer:
                 saved += [(t, t[skip].clone()) for t in state]
             else:
                 saved.append((p, None))
+        saved += [(t, t[skip].clone()) for t in self._plugin_tensors()]
         return saved
+
+    def _plugin_tensors(self) -> list[torch.Tensor]:
+        """Every plugin's state tensors ([K, …]): a skipped model's slices are put back like its parameters."""
+        return [t for plug in self.plugins for t in plug.state.values()]
 
     def _restore(self, skip: torch.Tensor, snapshot) -> None:
         for t, value in snapshot:
@@ -639,6 +820,7 @@ class Trainer:
                 saved += [(v, v.clone()) for v in state.values() if isinstance(v, torch.Tensor)]
             else:
                 saved.append((p, None))
+        saved += [(t, t.clone()) for t in self._plugin_tensors()]
         return saved
 
     def _restore_masked(self, skip: torch.Tensor, snapshot) -> None:
@@ -673,13 +855,16 @@ class Trainer:
         """Mean cross-entropy and accuracy of every model on (x, y), without training-only hooks: [K], [K]."""
         was_training = self.model.training
         self.model.eval()
+        chosen = self._eval_params()
+        model = self.model if chosen is None else (
+            lambda inputs: torch.func.functional_call(self.model, chosen, (inputs,)))
         if self.world > 1:
             x, y = x[self.rank::self.world], y[self.rank::self.world]
         totals = torch.zeros(3, self.K, dtype=torch.float64, device=self.device)
         chunk = max(64, _EVAL_ROWS // self.K)
         for i in range(0, len(y), chunk):
             xb, yb = x[i:i + chunk], y[i:i + chunk]
-            logits = self.model(xb.unsqueeze(0).expand(self.K, -1, -1))
+            logits = model(xb.unsqueeze(0).expand(self.K, -1, -1))
             ce = F.cross_entropy(logits.flatten(0, 1), yb.repeat(self.K), reduction="none").view(self.K, -1)
             totals[0] += ce.sum(1)
             totals[1] += (logits.argmax(-1) == yb).sum(1)
@@ -765,6 +950,16 @@ class _NonFiniteProbe:
 
 
 _EVENTS_PER_STEP = 100_000
+
+
+def _plugin_trace(e: BaseException, limit: int = 6) -> str:
+    """The traceback of an exception raised inside a hook, without the trainer's own frames: where in the plugin
+    (file:line) it went wrong."""
+    frames = traceback.extract_tb(e.__traceback__)
+    while frames and frames[0].filename == __file__:  # drop the trainer and registry frames that called the hook
+        frames.pop(0)
+    frames = [f for f in frames if not f.filename.endswith("l2cluster/registry.py")][-limit:]
+    return "".join(traceback.format_list(frames)).rstrip()
 
 
 def _describe(value) -> str:

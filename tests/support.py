@@ -9,10 +9,10 @@ import time
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from l2cluster.data import Splits
 from l2cluster.plugin import Regularizer
 from l2cluster.registry import Registry, load_builtins, load_registry
 from l2cluster.spec import spec_models
+from l2cluster.testing import synthetic_splits  # noqa: F401 (the tests import it from here)
 
 
 @functools.cache
@@ -83,19 +83,6 @@ def config(reg=None, **fields):
     reg = reg or registry()
     fields.setdefault("optimizer", {"name": "adam", "lr": 1e-3})
     return spec_models(reg).train.model_validate(fields)
-
-
-def synthetic_splits(n_train=320, n_val=64, n_test=64, seed=0) -> Splits:
-    """Random images whose label depends on a few pixels: learnable, tiny, and no MNIST needed."""
-    g = torch.Generator().manual_seed(seed)
-
-    def part(n):
-        x = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
-        y = (x[:, 14, :10].float().mean(1) / 25.6).long().clamp(0, 9)
-        return x, y
-
-    (tx, ty), (vx, vy), (sx, sy) = part(n_train), part(n_val), part(n_test)
-    return Splits(tx, ty, vx, vy, sx, sy)
 
 
 def params_of(trainer, k=None):

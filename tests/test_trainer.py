@@ -36,8 +36,11 @@ def test_learns_and_records_every_metric(tiny_splits):
     assert result.outcome == "succeeded"
     assert [m["epoch"] for m in result.epochs] == [1, 2, 3]
     for m in result.epochs:
-        assert set(m) == EPOCH_KEYS
+        assert set(m) == EPOCH_KEYS | {"penalty_l2"}  # the mean of what the l2 plugin added to the loss
         assert all(math.isfinite(v) for v in m.values())
+        # (λ/2)·Σ‖w‖² over the weight matrices, averaged over the epoch: below (λ/2)·‖θ‖² at the epoch's end
+        # (biases included there, and the weights grew during the epoch), and not far below it.
+        assert 0.3 * 0.5e-4 * m["weight_norm"] ** 2 < m["penalty_l2"] < 0.5e-4 * m["weight_norm"] ** 2
     assert result.epochs[-1]["train_loss"] < result.epochs[0]["train_loss"]
     assert result.final["val_acc"] > 0.6 and result.final["test_acc"] > 0.6  # chance is 0.1
     assert result.final["best_epoch"] in (1, 2, 3)
@@ -110,7 +113,15 @@ def test_a_broken_hook_fails_the_job_with_the_plugins_message(tiny_splits, plugi
     load_builtins(reg)
     reg.register(plugin, "test")
     (r,) = Trainer([config(reg, regularizers=[{"name": plugin.name}], **SMALL)], tiny_splits, reg, device="cpu").fit()
-    assert r.outcome == "failed" and r.error == message
+    first, *trace = r.error.splitlines()
+    assert r.outcome == "failed" and first == message
+    if plugin is _Raises:  # an exception brings the plugin's own frames, file:line, and nothing of the trainer's
+        line = _Raises.after_step.__code__.co_firstlineno + 2
+        assert trace[0] == "Traceback (the plugin's frames, most recent call last):"
+        assert trace[1] == f'  File "{__file__}", line {line}, in after_step'
+        assert trace[2].strip() == 'raise RuntimeError("boom at step 5")' and len(trace) == 3
+    else:  # a wrong return value has no traceback to show
+        assert trace == []
 
 
 def test_only_compatible_configs_stack():
