@@ -159,11 +159,12 @@ def cmd_train(args) -> int:
             results = {j.id: {"outcome": "failed", "final": {}, "error": f"{type(e).__name__}: {e}"} for j in pack}
         for job_id, result in results.items():
             on_result(job_id, result)
-            rows[job_id] = (*_row(by_id[job_id], result["outcome"], result["final"]), pid[:8] if len(pack) > 1 else "-")
+            rows[job_id] = (*_row(by_id[job_id], result["outcome"], result["final"]),
+                            pid[:8] if len(pack) > 1 else "-", _error_cell(result.get("error")))
     log.info("experiment_finished", jobs=len(jobs), wall_s=round(time.perf_counter() - t0, 2))
     ordered = [rows[j.id] for j in jobs if j.id in rows]
-    print(_table(("job", "variant", "settings", "seed", "outcome", "val_acc", "test_acc", "epochs", "train_s", "pack"),
-                 ordered))
+    print(_table(("job", "variant", "settings", "seed", "outcome", "val_acc", "test_acc", "epochs", "train_s", "pack",
+                  "error"), ordered))
     return 0 if all(r[4] != "failed" for r in ordered) else 1
 
 
@@ -172,6 +173,7 @@ def _daemon_call(fn, *args, timeout: float | None = 60, restart_wait_s: float = 
     import ray
 
     from l2cluster.daemon import coordinator
+    from l2cluster.plugin import PluginError
 
     deadline = time.monotonic() + restart_wait_s
     while True:
@@ -187,6 +189,8 @@ def _daemon_call(fn, *args, timeout: float | None = 60, restart_wait_s: float = 
             cause = e.as_instanceof_cause()
             if isinstance(cause, KeyError):
                 raise UserError(cause.args[0]) from None
+            if isinstance(e.cause, PluginError):  # its message alone; the Ray wrapper's text has the traceback
+                raise UserError(str(e.cause)) from None
             raise cause from None
 
 
@@ -253,16 +257,32 @@ def _start_coordinator(store, **options):
 
 def cmd_submit(args) -> int:
     from l2cluster.daemon import connect
+    from l2cluster.registry import versions
     from l2cluster.spec import read_spec_file
 
     spec = read_spec_file(args.spec)
+    # The versions of the plugins this client sees: the daemon refuses a job whose plugin it loaded in another
+    # version (the ids, and so the stored results reused, depend on them).
+    local = versions(_registry(args))
     connect(args.address)
-    sub = _daemon_call("submit", spec, args.priority, args.spec)
+    sub = _daemon_call("submit", spec, args.priority, args.spec, args.rerun, local)
     print(sub["experiment"])
     print(f"{sub['jobs']} job(s), {sub['new']} new", file=sys.stderr)
+    _say_reused(sub)
     if not args.wait:
         return 0
     return _wait_and_report(sub["experiment"])
+
+
+def _say_reused(sub: dict) -> None:
+    """Say on stderr which jobs of a submission were not trained by it: results reused from the store, or
+    (--rerun) ended jobs queued again."""
+    if sub.get("reused"):
+        print(f"{sub['reused']} of {sub['jobs']} jobs reused from the store (stored results shown; --rerun trains "
+              "them again)", file=sys.stderr)
+    if sub.get("rerun"):
+        print(f"{sub['rerun']} of {sub['jobs']} jobs queued again (--rerun): their stored results were deleted",
+              file=sys.stderr)
 
 
 def _wait_and_report(experiment: str) -> int:
@@ -294,9 +314,20 @@ def _results_table(rows: list[dict]) -> str:
     for r in rows:
         final = (r.get("result") or {}).get("final") or {}
         settings = " ".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) or "-"
+        error = r.get("error") or (r.get("result") or {}).get("error")
         out.append((r["job"], r["label"] or "-", settings, r["seed"], r["state"], _fmt(final.get("val_acc")),
-                    _fmt(final.get("test_acc")), _fmt(final.get("epochs_run")), r["node"] or "-"))
-    return _table(("job", "variant", "settings", "seed", "outcome", "val_acc", "test_acc", "epochs", "node"), out)
+                    _fmt(final.get("test_acc")), _fmt(final.get("epochs_run")), r["node"] or "-", _error_cell(error)))
+    return _table(("job", "variant", "settings", "seed", "outcome", "val_acc", "test_acc", "epochs", "node", "error"),
+                  out)
+
+
+def _error_cell(error: str | None, width: int = 60) -> str:
+    """A job's error in a table cell: its first line, cut to `width` characters ("-" when there is none);
+    `l2cluster logs JOB` shows all of it."""
+    if not error or not error.strip():
+        return "-"
+    line = error.strip().splitlines()[0]
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def cmd_status(args) -> int:
@@ -390,6 +421,9 @@ def cmd_logs(args) -> int:
 
     connect(args.address)
     info = _daemon_call("logs", args.job)
+    plugins = info["job"].get("plugins")
+    if plugins:
+        print("plugins: " + ", ".join(f"{name} {version}" for name, version in sorted(plugins.items())))
     for e in info["events"]:
         at = time.strftime("%H:%M:%S", time.localtime(e["at"]))
         print(f"{at}  {e['from'] or '-':>9} → {e['to']:<9} attempt {e['attempt']}  {e['detail'] or ''}".rstrip())
@@ -423,9 +457,10 @@ def cmd_run(args) -> int:
                                     idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
                                     checkpoint_dir=args.checkpoint_dir, max_jobs=args.max_jobs,
                                     max_pack=args.max_pack, detached=False)
-        sub = _daemon_call("submit", spec, args.priority, args.spec)
+        sub = _daemon_call("submit", spec, args.priority, args.spec, args.rerun)
         print(f"{sub['experiment']}: {sub['jobs']} job(s) on a local Ray with "
               f"{int(ray.cluster_resources().get('CPU', 0))} CPU(s)", file=sys.stderr)
+        _say_reused(sub)
         code = _wait_and_report(sub["experiment"])
         ray.get(handle.shutdown.remote(), timeout=30)
     finally:
@@ -482,6 +517,12 @@ def _max_pack_option(p) -> None:
                         f"(at most {GPU_DEFAULT_MAX_PACK})")
 
 
+def _rerun_option(p) -> None:
+    p.add_argument("--rerun", action="store_true",
+                   help="train again the jobs whose results the store already has (same experiment, config and "
+                        "plugin versions); their stored results and epochs are deleted")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from l2cluster.report import FORMATS
     from l2cluster.spec import DEFAULT_MAX_JOBS
@@ -533,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--priority", type=_priority, default=0, help="higher runs first")
     p.add_argument("--wait", action="store_true", help="wait for every job, showing progress, then print results")
+    _rerun_option(p)
     p.add_argument("--address")
     p.set_defaults(fn=cmd_submit)
 
@@ -574,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a spec on an embedded local Ray and print the results (the default)")
     p.add_argument("spec")
     p.add_argument("--priority", type=_priority, default=0)
+    _rerun_option(p)
     daemon_options(p, "~/.local/state/l2cluster/store.db")
     p.set_defaults(fn=cmd_run)
 

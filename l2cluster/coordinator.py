@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,20 +94,33 @@ class Coordinator:
         return {"store": str(self.store.path), "gangs": len(self.gangs), "running": len(self.running),
                 "pid": os.getpid()}
 
-    async def submit(self, spec: dict, priority: int = 0, source: str = "<spec>") -> dict:
-        """Validate and queue an experiment; SpecError (with every bad field) when it is refused."""
-        from l2cluster.spec import expand, parse_spec
+    async def submit(self, spec: dict, priority: int = 0, source: str = "<spec>", rerun: bool = False,
+                     plugins: dict[str, tuple[str, str]] | None = None) -> dict:
+        """Validate and queue an experiment. Jobs already in the store keep their state and results (`reused`),
+        unless `rerun` queues those that ended again (`rerun`). `plugins` are the versions of the plugins the
+        client sees (l2cluster.registry.versions). Raises SpecError (with every bad field), or PluginChangedError
+        when a plugin the jobs use is not the code this daemon loaded. Returns the experiment id and the counts
+        of its jobs: all, new, reused, rerun."""
+        from l2cluster.registry import check_unchanged
+        from l2cluster.spec import expand, experiment_id, parse_spec
 
         self._ensure_loop()
         parsed = parse_spec(spec, self.registry, source=source)
         jobs = expand(parsed, self.registry, max_jobs=self.max_jobs)
-        digest = hashlib.sha256(json.dumps(parsed.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-        experiment_id = f"{parsed.name}-{digest[:8]}"
-        added = self.store.add_experiment(experiment_id, parsed.name, parsed.model_dump(mode="json"), jobs,
+        check_unchanged(self.registry, {name for job in jobs for name in job.plugins}, plugins,
+                        restart=self._restart_command())
+        exp_id = experiment_id(parsed, jobs)
+        added = self.store.add_experiment(exp_id, parsed.name, parsed.model_dump(mode="json"), jobs,
                                           priority=priority)
-        self.log.info("experiment_submitted", experiment=experiment_id, jobs=len(jobs), new=added)
+        # New jobs are queued: the ended ones were in the store already. A job that ended while its pack still
+        # trains is left as it is (its pack would report to it again); it shows as reused.
+        ended = [j.id for j in jobs if self._terminal(j.id) and j.id not in self.running]
+        requeued = self.store.rerun(ended, priority=priority) if rerun else 0
+        reused = sum(1 for j in jobs if self._terminal(j.id))
+        self.log.info("experiment_submitted", experiment=exp_id, jobs=len(jobs), new=added, reused=reused,
+                      rerun=requeued)
         self._wake.set()
-        return {"experiment": experiment_id, "jobs": len(jobs), "new": added}
+        return {"experiment": exp_id, "jobs": len(jobs), "new": added, "reused": reused, "rerun": requeued}
 
     async def status(self, experiment_id: str | None = None) -> list[dict]:
         self._ensure_loop()
@@ -452,6 +465,13 @@ class Coordinator:
             gang.release()
         except Exception as e:  # already gone
             self.log.warning("gang_release_failed", gang=gang.id, error=str(e)[:200])
+
+    def _restart_command(self) -> str:
+        """The commands that restart this daemon with the same store and plugin directories."""
+        options = [f"--store {shlex.quote(str(self.store.path))}"]
+        options += [f"--plugin-dir {shlex.quote(d)}" for d in self.plugin_dirs]
+        return (f"l2cluster daemon stop && l2cluster daemon start {' '.join(options)} (with the other options it "
+                "was started with; add --address for a daemon on an existing Ray cluster)")
 
     def _need_experiment(self, experiment_id: str) -> None:
         if self.store.experiment(experiment_id) is None:

@@ -5,13 +5,19 @@ group `l2cluster.regularizers` of installed packages, and plugin directories nam
 configuration or `--plugin-dir`). Never a path inside a job spec. A plugin that fails to import is listed as
 unavailable with its reason; a plugin that breaks the contract is refused with an error naming plugin, hook
 and argument; every other plugin still loads.
+
+Every plugin carries the version of its code, which becomes part of the ids of the jobs that use it: the
+l2cluster version for a built-in, the distribution's version for an entry point, the sha256 of the file for a
+plugin directory's file. `current_version` reads it from disk again, to notice code that changed after loading.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import pkgutil
@@ -26,11 +32,16 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, Field, create_model
 
+import l2cluster
 from l2cluster.plugin import HOOK_ARGS, HOOK_MARK, PluginError, Regularizer
 
 ENTRY_POINT_GROUP = "l2cluster.regularizers"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-_HOOKISH_PREFIXES = ("on_", "before_", "after_")
+
+
+class PluginChangedError(PluginError):
+    """A job would run plugin code other than what the daemon loaded: its file or package changed on disk, or
+    the submitting client has another version of it. The message says which versions and how to fix it."""
 
 
 @dataclass
@@ -55,6 +66,10 @@ class PluginInfo:
     hooks: dict[str, HookImpl] = field(default_factory=dict)
     config_model: type[BaseModel] | None = None
     cls: type | None = None
+    version: str = ""
+    """The version of the plugin's code (part of job ids): "0.1.0", or "sha256:<16 hex>" for a directory file."""
+    path: str | None = None  # the file of a plugin directory's plugin
+    dist: str | None = None  # the distribution of an entry point's plugin
 
 
 class Registry:
@@ -66,8 +81,12 @@ class Registry:
         self.spec_models = None  # the spec classes built from these plugins (l2cluster.spec caches them here)
 
     # -- registration ---------------------------------------------------------------------------------------
-    def register(self, cls: object, origin: str) -> PluginInfo:
-        """Validate `cls` against the contract and add it; raises PluginError saying what to fix."""
+    def register(self, cls: object, origin: str, version: str = "", *, path: str | None = None,
+                 dist: str | None = None) -> PluginInfo:
+        """Validate `cls` against the contract and add it; raises PluginError saying what to fix.
+
+        `version` is the version of its code (see the module docstring); `path` or `dist` say where to read it
+        again (`current_version`)."""
         name = getattr(cls, "name", None)
         label = name if isinstance(name, str) and name else getattr(cls, "__name__", repr(cls))
         if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
@@ -83,7 +102,8 @@ class Registry:
             )
         config_model = _check_config(name, cls)
         hooks = _check_hooks(name, cls)
-        info = PluginInfo(name, origin, "ok", hooks=hooks, config_model=config_model, cls=cls)
+        info = PluginInfo(name, origin, "ok", hooks=hooks, config_model=config_model, cls=cls, version=version,
+                          path=path, dist=dist)
         self._plugins[name] = info
         self.spec_models = None
         return info
@@ -91,9 +111,9 @@ class Registry:
     def add_problem(self, name: str, origin: str, status: Literal["refused", "unavailable"], reason: str) -> None:
         self.problems.append(PluginInfo(name, origin, status, reason))
 
-    def register_or_record(self, cls: object, origin: str) -> None:
+    def register_or_record(self, cls: object, origin: str, version: str = "", **source) -> None:
         try:
-            self.register(cls, origin)
+            self.register(cls, origin, version, **source)
         except PluginError as e:
             self.add_problem(e.plugin, origin, "refused", str(e))
 
@@ -158,26 +178,31 @@ def type_name(name: str) -> str:
 
 
 def _check_hooks(name: str, cls: type) -> dict[str, HookImpl]:
+    """Every public method of the plugin (its own and inherited, but not Regularizer's), and every method marked
+    with `@hook`, must be a hook: a misspelt hook would otherwise never be called, silently. Helpers are
+    `_private`; nested classes (Config, an exception type) are not methods."""
     try:
         instance = cls()
     except Exception as e:
         raise PluginError(name, f"could not be instantiated without arguments: {_import_error(e)}") from None
     hooks: dict[str, HookImpl] = {}
-    for klass in reversed(cls.__mro__):
-        if klass in (object, Regularizer):
+    # Names in the order the classes define them (bases first); each checked as the plugin class resolves it.
+    names = dict.fromkeys(a for k in reversed(cls.__mro__) if k not in (object, Regularizer) for a in vars(k))
+    for attr in names:
+        value = inspect.getattr_static(cls, attr)
+        fn = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+        if not callable(fn) or isinstance(fn, type):
             continue
-        for attr, value in vars(klass).items():
-            fn = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
-            if not callable(fn) or attr.startswith("__") or attr == "Config":
-                continue
-            marked = getattr(fn, HOOK_MARK, False)
-            if attr not in HOOK_ARGS:
-                if marked or attr.startswith(_HOOKISH_PREFIXES) or attr == "penalty":
-                    raise PluginError(
-                        name, f"is not a known hook; hooks are {', '.join(HOOK_ARGS)}", hook=attr
-                    )
-                continue
-            hooks[attr] = _check_signature(name, attr, getattr(instance, attr))
+        if attr.startswith("_") and not getattr(fn, HOOK_MARK, False):
+            continue
+        if attr not in HOOK_ARGS:
+            close = difflib.get_close_matches(attr, HOOK_ARGS, n=1)
+            hooks_are = f"did you mean {close[0]!r}? Hooks are" if close else "hooks are"
+            raise PluginError(
+                name, f"is not a hook; {hooks_are} {', '.join(HOOK_ARGS)}; name helper methods with a leading "
+                "underscore", hook=attr,
+            )
+        hooks[attr] = _check_signature(name, attr, getattr(instance, attr))
     if not hooks:
         raise PluginError(name, f"implements no hook; implement at least one of {', '.join(HOOK_ARGS)}")
     return hooks
@@ -214,6 +239,64 @@ def _import_error(e: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(e), e)).strip()
 
 
+def file_version(path: str | Path) -> str:
+    """The version of a plugin directory's file: the sha256 of its bytes ("missing" once it is gone)."""
+    try:
+        return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "missing"
+
+
+def current_version(info: PluginInfo) -> str:
+    """The version of `info`'s code on disk now; it differs from `info.version` when the file or the installed
+    package changed after this process loaded it. A built-in is part of the running l2cluster."""
+    if info.path is not None:
+        return file_version(info.path)
+    if info.dist is not None:
+        try:
+            return importlib.metadata.version(info.dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+    return info.version
+
+
+def code_location(info: PluginInfo) -> str:
+    """Where a plugin's code is, for messages: its file, its package, or l2cluster itself."""
+    if info.path is not None:
+        return info.path
+    if info.dist is not None:
+        return f"package {info.dist}"
+    return "built into l2cluster"
+
+
+def versions(registry: Registry, names: Iterable[str] | None = None) -> dict[str, tuple[str, str]]:
+    """{name: (version, where its code is)} of the usable plugins (those in `names`, if given): what a client
+    sends with a submission, so that the daemon can tell whether both mean the same code."""
+    infos = [registry.get(n) for n in names if n in registry.names] if names is not None else registry.all()
+    return {p.name: (p.version, code_location(p)) for p in infos if p.status == "ok"}
+
+
+def check_unchanged(registry: Registry, names: Iterable[str], client: dict[str, tuple[str, str]] | None = None,
+                    *, restart: str) -> None:
+    """Raise PluginChangedError when a plugin in `names` is no longer the code this registry loaded: its file or
+    package changed on disk since, or the client (its `versions`) has another version of it. `restart` is the
+    command that loads it again."""
+    for name in sorted(set(names)):
+        info = registry.get(name)
+        now = current_version(info)
+        if now != info.version:
+            raise PluginChangedError(
+                name, f"changed since the daemon loaded it ({info.version} → {now}, {code_location(info)}); "
+                f"restart the daemon to load it: {restart}")
+        theirs = (client or {}).get(name)
+        if theirs is not None and tuple(theirs)[0] != info.version:
+            version, location = theirs
+            raise PluginChangedError(
+                name, f"this client has version {version} ({location}) but the daemon loaded {info.version} "
+                f"({code_location(info)}); use the same code on both: restart the daemon to load this version "
+                f"({restart}), or install the daemon's version here")
+
+
 def load_builtins(registry: Registry) -> None:
     import l2cluster.plugins as builtins
 
@@ -227,7 +310,7 @@ def load_builtins(registry: Registry) -> None:
             registry.add_problem(mod.name, origin, "unavailable", f"import failed: {_import_error(e)}")
             continue
         for cls in _classes_in(module):
-            registry.register_or_record(cls, origin)
+            registry.register_or_record(cls, origin, l2cluster.__version__)
 
 
 def load_entry_points(registry: Registry) -> None:
@@ -239,7 +322,10 @@ def load_entry_points(registry: Registry) -> None:
         except Exception as e:
             registry.add_problem(ep.name, origin, "unavailable", f"import failed: {_import_error(e)}")
             continue
-        registry.register_or_record(cls, origin)
+        if dist is not None:
+            registry.register_or_record(cls, origin, dist.version, dist=dist.name)
+        else:
+            registry.register_or_record(cls, origin, "unknown")
 
 
 def load_directory(registry: Registry, directory: str | Path) -> None:
@@ -253,6 +339,8 @@ def load_directory(registry: Registry, directory: str | Path) -> None:
         if path.name.startswith("_"):
             continue
         origin = f"directory {path}"
+        # Hashed before it runs: the version names the code that was loaded, even if the file changes meanwhile.
+        version = file_version(path)
         module_name = f"l2cluster_plugindir_{tag}_{path.stem}"
         try:
             spec = importlib.util.spec_from_file_location(module_name, path)
@@ -264,7 +352,7 @@ def load_directory(registry: Registry, directory: str | Path) -> None:
             registry.add_problem(path.stem, origin, "unavailable", f"import failed: {_import_error(e)}")
             continue
         for cls in _classes_in(module):
-            registry.register_or_record(cls, origin)
+            registry.register_or_record(cls, origin, version, path=str(path))
 
 
 def load_registry(plugin_dirs: Iterable[str | Path] = (), *, use_entry_points: bool = True) -> Registry:

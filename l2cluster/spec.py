@@ -2,8 +2,9 @@
 
 An experiment spec is a training config (model, data, optimizer, schedule, epochs, seed, regularizers, scaling)
 plus a name and a `sweep`. Expansion turns it into concrete jobs: the union of its variants, each the product
-of its grid, times the seeds. Each job gets a stable id, a hash of the experiment name and its resolved config
-(seed included), so resubmitting the same spec gives the same ids.
+of its grid, times the seeds. Each job gets a stable id, a hash of the experiment name, its resolved config
+(seed included) and the code versions of the plugins it uses, so resubmitting the same spec with the same plugin
+code gives the same ids.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import re
 import reprlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -650,13 +651,15 @@ class Job:
     overrides: dict[str, Any]
     seed: int
     config: Any  # TrainConfig
+    plugins: dict[str, str] = field(default_factory=dict)
+    """The code version of each plugin the job uses, by name (l2cluster.registry.PluginInfo.version)."""
 
     @property
     def group(self) -> str:
-        """Hash of the config without the seed: the jobs that differ only by seed share it."""
+        """Hash of the config and plugin versions without the seed: the jobs that differ only by seed share it."""
         cfg = identity(self.config)
         cfg.pop("seed")
-        return _digest({"experiment": self.experiment, "config": cfg})
+        return job_digest(self.experiment, cfg, self.plugins)
 
 
 # Fields added after job ids were first handed out, with the value every earlier job had: left out of a job's
@@ -671,6 +674,31 @@ def identity(config) -> dict:
         if cfg.get(section, {}).get(name) == default:
             del cfg[section][name]
     return cfg
+
+
+def plugin_versions(config, registry: Registry) -> dict[str, str]:
+    """The code version of each plugin a resolved config uses."""
+    return {r.name: registry.get(r.name).version for r in config.regularizers}
+
+
+def job_digest(experiment: str, cfg: dict, plugins: dict[str, str]) -> str:
+    """A job's id (or, without the seed in `cfg`, its group): the experiment's name, the job's identity and the
+    versions of its plugins' code, so that changed plugin code never reuses a stored result. A job without
+    plugins hashes what it did before versions were part of ids, and keeps its id."""
+    obj: dict[str, Any] = {"experiment": experiment, "config": cfg}
+    if plugins:
+        obj["plugins"] = plugins
+    return _digest(obj)
+
+
+def experiment_id(spec, jobs: Sequence[Job]) -> str:
+    """`<name>-<8 hex>`: the spec as validated and the plugin versions its jobs use. Resubmitting the same spec
+    with the same plugin code names the same experiment; changed plugin code (new job ids) a new one."""
+    obj: Any = spec.model_dump(mode="json")
+    plugins = {name: v for job in jobs for name, v in job.plugins.items()}
+    if plugins:
+        obj = {"spec": obj, "plugins": plugins}
+    return f"{spec.name}-{hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
 def _digest(obj: Any) -> str:
@@ -779,10 +807,11 @@ def expand(spec, registry: Registry, *, max_jobs: int = DEFAULT_MAX_JOBS) -> lis
                     setting = ", ".join(f"{k}={_short.repr(v)}" for k, v in overrides.items()) or "no grid values"
                     raise SpecError(spec.name, [Issue(i.path, f"{i.message} (in {where} with {setting})")
                                                 for i in issues])
-                job_id = _digest({"experiment": spec.name, "config": identity(config)})
+                plugins = plugin_versions(config, registry)
+                job_id = job_digest(spec.name, identity(config), plugins)
                 if job_id in seen:
                     continue  # two grid points that resolve to the same config run once
                 seen.add(job_id)
                 label = variant.label if vi is not None else ""
-                jobs.append(Job(job_id, spec.name, label, overrides, seed, config))
+                jobs.append(Job(job_id, spec.name, label, overrides, seed, config, plugins))
     return jobs

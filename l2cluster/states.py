@@ -6,7 +6,8 @@ from enum import Enum
 
 
 class JobState(str, Enum):
-    """Where a job is: queued → placing → running → succeeded | failed | diverged | cancelled."""
+    """Where a job is: queued → placing → running → succeeded | failed | diverged | cancelled (→ queued again
+    only on a rerun)."""
 
     QUEUED = "queued"
     PLACING = "placing"
@@ -30,10 +31,12 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # Running → queued is a retry: a rank died and the job goes back with attempt + 1.
     JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DIVERGED, JobState.CANCELLED,
                                  JobState.QUEUED}),
-    JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.DIVERGED: frozenset(),
-    JobState.CANCELLED: frozenset(),
+    # An ended job goes back to the queue only when a rerun is asked for (`submit --rerun`): Store.rerun, which
+    # deletes its result in the same transaction.
+    JobState.SUCCEEDED: frozenset({JobState.QUEUED}),
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.DIVERGED: frozenset({JobState.QUEUED}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED}),
 }
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from l2cluster.packing import pack_key
 from l2cluster.states import JobState, check_transition
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     pack_key TEXT,
     shape_json TEXT,
-    pack_id TEXT
+    pack_id TEXT,
+    plugins_json TEXT  -- {plugin name: code version}, NULL for jobs stored before schema 4
 );
 CREATE INDEX IF NOT EXISTS jobs_by_experiment ON jobs(experiment_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, priority DESC, seq);
@@ -141,7 +142,7 @@ class Store:
             if int(row[0]) < 2:  # schema 1 knew one experiment per job: record that membership
                 self._db.execute("INSERT OR IGNORE INTO experiment_jobs SELECT experiment_id, id, seq FROM jobs")
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
-            for column in ("pack_key", "shape_json", "pack_id"):  # schema 3: packing
+            for column in ("pack_key", "shape_json", "pack_id", "plugins_json"):  # 3: packing, 4: plugin versions
                 if column not in columns:
                     self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
             for job_id, config_json in self._db.execute("SELECT id, config_json FROM jobs WHERE shape_json IS NULL "
@@ -181,11 +182,11 @@ class Store:
                 config = job.config.model_dump(mode="json")
                 cur = db.execute(
                     "INSERT OR IGNORE INTO jobs (id, experiment_id, seq, label, overrides_json, seed, group_key, "
-                    "config_json, priority, state, submitted_at, pack_key, shape_json) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "config_json, priority, state, submitted_at, pack_key, shape_json, plugins_json) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (job.id, experiment_id, seq, job.label, json.dumps(job.overrides, sort_keys=True), job.seed,
                      job.group, json.dumps(config, sort_keys=True), priority, JobState.QUEUED.value, now,
-                     pack_key(config), shape_json(config)))
+                     pack_key(config), shape_json(config), json.dumps(job.plugins, sort_keys=True)))
                 db.execute("INSERT OR IGNORE INTO experiment_jobs VALUES (?, ?, ?)", (experiment_id, job.id, seq))
                 if cur.rowcount:
                     added += 1
@@ -202,6 +203,9 @@ class Store:
         if set(fields) - allowed:
             raise ValueError(f"transition() cannot set {sorted(set(fields) - allowed)}")
         with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None and JobState(row["state"]).is_terminal and JobState(new) is JobState.QUEUED:
+                raise ValueError(f"job {job_id} has ended; queue it again with rerun(), which deletes its result")
             self._transition(db, job_id, new, detail, fields)
 
     def _transition(self, db: sqlite3.Connection, job_id: str, new, detail, fields: dict) -> None:
@@ -220,6 +224,24 @@ class Store:
                    (*updates.values(), job_id))
         db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
                    (job_id, now, row["state"], state.value, attempts, detail))
+
+    def rerun(self, job_ids: Iterable[str], *, priority: int = 0) -> int:
+        """Queue ended jobs again, as new (`submit --rerun`): their result and epochs are deleted in the same
+        transaction, so the rerun's are never mixed with them; attempts start again from 0 and the job leaves its
+        old pack. Jobs that have not ended are left alone. Returns how many were queued again."""
+        n = 0
+        with self._tx() as db:
+            for job_id in job_ids:
+                row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is None or not JobState(row["state"]).is_terminal:
+                    continue
+                db.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
+                db.execute("DELETE FROM epochs WHERE job_id = ?", (job_id,))
+                db.execute("UPDATE jobs SET attempts = 0, epoch = 0, node = NULL, error = NULL, started_at = NULL, "
+                           "finished_at = NULL, pack_id = NULL, priority = ? WHERE id = ?", (priority, job_id))
+                self._transition(db, job_id, JobState.QUEUED, "rerun requested", {})
+                n += 1
+        return n
 
     def record_epoch(self, job_id: str, epoch: int, metrics: dict) -> None:
         """Store one epoch's metrics (a retried attempt overwrites the epochs it repeats)."""
@@ -344,4 +366,5 @@ def job_dict(row: sqlite3.Row) -> dict:
             "epoch": row["epoch"], "attempts": row["attempts"], "node": row["node"], "error": row["error"],
             "priority": row["priority"], "submitted_at": row["submitted_at"], "started_at": row["started_at"],
             "finished_at": row["finished_at"],
-            "pack": row["pack_id"] if "pack_id" in row.keys() else None}  # noqa: SIM118 (a Row's `in` reads values)
+            "pack": row["pack_id"] if "pack_id" in row.keys() else None,  # noqa: SIM118 (a Row's `in` reads values)
+            "plugins": json.loads(row["plugins_json"] or "{}") if "plugins_json" in row.keys() else {}}  # noqa: SIM118

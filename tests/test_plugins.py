@@ -40,7 +40,8 @@ def test_builtins_load_with_their_hooks():
 
 
 @pytest.mark.parametrize("plugin, match", [
-    (_plugin(on_gradient=lambda self, params: None), r"plugin 'good', hook 'on_gradient': is not a known hook"),
+    (_plugin(on_gradient=lambda self, params: None),
+     r"plugin 'good', hook 'on_gradient': is not a hook; did you mean 'on_gradients'\?"),
     (_plugin(penalty=lambda self, params, weights: None), r"hook 'penalty', argument 'weights'"),
     (_plugin(after_step=lambda self, *args: None), r"hook 'after_step', argument 'args'"),
     (_plugin(config=None, penalty=lambda self, params: None), r"has no `Config`"),

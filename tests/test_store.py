@@ -26,13 +26,14 @@ def _jobs(spec=SPEC):
 def test_transition_table():
     assert {s for s in JobState if s.is_terminal} == {JobState.SUCCEEDED, JobState.FAILED, JobState.DIVERGED,
                                                       JobState.CANCELLED}
-    assert all(not TRANSITIONS[s] for s in JobState if s.is_terminal)
+    # An ended job goes nowhere but back to the queue, and only on a rerun (Store.rerun).
+    assert all(TRANSITIONS[s] == {JobState.QUEUED} for s in JobState if s.is_terminal)
     assert check_transition("j", "queued", "placing") is JobState.PLACING
     assert check_transition("j", "running", "queued") is JobState.QUEUED  # a retry
     with pytest.raises(InvalidTransition, match="job j: queued → running is not a valid transition"):
         check_transition("j", "queued", "running")
     with pytest.raises(InvalidTransition):
-        check_transition("j", "succeeded", "queued")
+        check_transition("j", "succeeded", "running")
 
 
 def test_jobs_flow_through_states_and_everything_survives_reopening(tmp_path):
