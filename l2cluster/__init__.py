@@ -1,3 +1,3 @@
 """l2cluster: regularization studies on MNIST — job specs, regularizer plugins, a stacked trainer, a Ray daemon."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

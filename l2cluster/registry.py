@@ -67,7 +67,7 @@ class PluginInfo:
     config_model: type[BaseModel] | None = None
     cls: type | None = None
     version: str = ""
-    """The version of the plugin's code (part of job ids): "0.1.0", or "sha256:<16 hex>" for a directory file."""
+    """The version of the plugin's code (part of job ids): "0.2.0", or "sha256:<16 hex>" for a directory file."""
     path: str | None = None  # the file of a plugin directory's plugin
     dist: str | None = None  # the distribution of an entry point's plugin
 

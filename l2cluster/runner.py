@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from l2cluster.checkpoint import JobCheckpoints
 from l2cluster.packing import pack_id as make_pack_id
+from l2cluster.plugin import HookError
 from l2cluster.trainer import RunResult, Trainer
 
 
@@ -97,7 +98,16 @@ def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, do
     configs = [m.config for m in members]
     pid = make_pack_id(ids)
     epochs = configs[0].epochs
-    trainer = Trainer(configs, splits, registry, device=device)
+    try:
+        trainer = Trainer(configs, splits, registry, device=device)
+    except HookError as e:  # a plugin's init_state raised or returned something unusable: nothing trained
+        if len(members) > 1:  # which member's settings did it is unknown: each trains (and fails) alone
+            return PackRun(split=True)
+        failed = {"outcome": "failed", "final": {}, "error": str(e), "epochs": [], "diverged_epoch": None,
+                  "resumed_from_epoch": 0}
+        if rank == 0 and on_result is not None:
+            on_result(ids[0], failed)
+        return PackRun(results={ids[0]: failed})
     if log is not None and device.type == "cuda" and not trainer.graphs:
         log.info("cuda_graphs_off", pack=pid[:8], reason=_eager_reason(trainer))
     ckpt = JobCheckpoints(checkpoint_dir, pid, rank) if checkpoint_dir else None

@@ -35,7 +35,9 @@ def test_builtins_load_with_their_hooks():
     reg = registry()
     hooks = {p.name: sorted(p.hooks) for p in reg.all() if p.status == "ok"}
     assert hooks == {"decoupled_decay": ["before_step"], "dropout": ["on_activation"],
-                     "grad_clip": ["on_gradients"], "l2": ["penalty"]}
+                     "grad_clip": ["on_gradients"], "l2": ["penalty"], "l1": ["penalty"],
+                     "label_smoothing": ["example_penalty"], "mixup": ["on_batch"],
+                     "ema": ["after_step", "eval_params", "init_state"], "max_norm": ["after_step"]}
     assert reg.problems == []
 
 
@@ -127,30 +129,36 @@ def _readme_blocks() -> dict[str, str]:
     return blocks
 
 
-def test_readme_l1_example_installs_as_a_package_and_trains(tmp_path, tiny_mnist_dir):
+def test_readme_guide_package_installs_passes_its_own_tests_and_trains(tmp_path, tiny_mnist_dir):
+    """The author's guide, as a user follows it: the package's files from the README, installed with pip, its own
+    test (check_plugin, with two gloo ranks) run with pytest, then listed and trained by the CLI."""
     blocks = _readme_blocks()
-    assert {"pyproject.toml", "l2cluster_l1.py"} <= set(blocks), sorted(blocks)
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    for name, body in blocks.items():
-        if name in ("pyproject.toml", "l2cluster_l1.py"):
-            (pkg / name).write_text(body)
+    files = ("pyproject.toml", "l2cluster_noise.py", "tests/test_noise.py")
+    assert set(files) <= set(blocks), sorted(blocks)
+    pkg = tmp_path / "l2cluster-input-noise"
+    (pkg / "tests").mkdir(parents=True)
+    for name in files:
+        (pkg / name).write_text(blocks[name])
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation",
                     "--target", str(site), str(pkg)], check=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    own = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_noise.py"],
+                         cwd=pkg, env=env, capture_output=True, text=True)
+    assert own.returncode == 0 and "1 passed" in own.stdout, own.stdout + own.stderr
     listing = subprocess.run([sys.executable, "-m", "l2cluster.cli", "plugins", "list"], env=env,
                              capture_output=True, text=True, check=True).stdout
-    assert re.search(r"l1\s+entry point l2cluster_l1:L1 \(package l2cluster-l1\)\s+penalty\s+ok", listing), listing
+    assert re.search(r"input_noise\s+entry point l2cluster_noise:InputNoise \(package l2cluster-input-noise\)"
+                     r"\s+on_batch\s+ok", listing), listing
 
-    spec = tmp_path / "l1.yaml"
+    spec = tmp_path / "noise.yaml"
     spec.write_text(textwrap.dedent("""
-        name: l1-demo
+        name: noise-demo
         model: {hidden_sizes: [16]}
         data: {batch_size: 50, val_size: 100}
         optimizer: {name: adam, lr: 0.01}
         epochs: 1
-        regularizers: [{name: l1, strength: 1.0e-4}]
+        regularizers: [{name: input_noise, sigma: 0.2}]
     """))
     run = subprocess.run([sys.executable, "-m", "l2cluster.cli", "train", str(spec), "--data-dir", str(tiny_mnist_dir),
                           "--device", "cpu"], env=env, capture_output=True, text=True)
