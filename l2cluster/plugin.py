@@ -236,6 +236,7 @@ class HyperParams:
         if not configs:
             raise ValueError("HyperParams needs at least one config")
         self._device = device
+        self._double: dict[str, torch.Tensor] = {}
         self._fields: dict[str, Any] = {}
         self._raw: dict[str, list[Any]] = {}
         for field in type(configs[0]).model_fields:
@@ -256,7 +257,9 @@ class HyperParams:
     def double(self, field: str) -> torch.Tensor:
         """A numeric field as float64 [K] straight from the config, for arithmetic that must match what Python
         computes on the number (1 − 0.999 in float32 is not float32(1 − 0.999))."""
-        return torch.tensor(self._raw[field], dtype=torch.float64, device=self._device)
+        if field not in self._double:  # made once (on the first, eager steps): a CUDA graph cannot copy to the GPU
+            self._double[field] = torch.tensor(self._raw[field], dtype=torch.float64, device=self._device)
+        return self._double[field]
 
     def __getattr__(self, item: str) -> Any:
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from l2cluster.plugin import Regularizer
@@ -27,8 +26,8 @@ class Mixup(Regularizer):
         K, B = targets.shape[:2]
         lam = rng.beta(hp.alpha).to(x.dtype)  # [K], one per batch and model
         perm = rng.permutation(B)  # [K, B]
-        if not targets.is_floating_point():
-            targets = F.one_hot(targets, ctx.num_classes).to(x.dtype)
+        if not targets.is_floating_point():  # class indices → one-hot probabilities
+            targets = x.new_zeros(K, B, ctx.num_classes).scatter_(-1, targets.unsqueeze(-1), 1.0)
         rows = torch.arange(K, device=x.device).unsqueeze(1)
         lam_x, lam_t = lam.view(-1, 1, 1), lam.view(-1, 1, 1)
         mixed_x = lam_x * x + (1 - lam_x) * x[rows, perm]

@@ -101,6 +101,30 @@ def test_every_builtin_trains_under_cuda_graphs_like_eager_steps(mode):
         assert torch.allclose(params_of(graphed)[name], p, rtol=1e-4, atol=1e-5), name
 
 
+def test_the_contract_v2_builtins_train_under_cuda_graphs_like_eager_steps():
+    """mixup (on_batch: Beta draws and a permutation from the shared stream), label_smoothing (example_penalty),
+    l1, max_norm and ema (per-job state, eval_params), two models stacked: captured once, replayed, they end where
+    eager steps end, and the EMA state advanced on every replay."""
+    splits = synthetic_splits(n_train=64 * 20 + 17)
+    regs = lambda a, eps: [{"name": "mixup", "alpha": a}, {"name": "label_smoothing", "epsilon": eps},  # noqa: E731
+                           {"name": "l1", "strength": 1e-4}, {"name": "max_norm", "max_norm": 2.0},
+                           {"name": "ema", "decay": 0.9}]
+    cfgs = [config(seed=s, **{**GRAPHABLE, "regularizers": regs(a, eps)}) for s, a, eps in ((0, 0.2, 0.1), (1, 1.0, 0.3))]
+    graphed = Trainer(cfgs, splits, registry(), device="cuda")
+    eager = Trainer(cfgs, splits, registry(), device="cuda", cuda_graphs=False)
+    rg, re = graphed.fit(), eager.fit()
+    assert graphed.graphs and graphed._graph is not None and graphed.graphs_off_reason is None, \
+        graphed.graphs_off_reason
+    ema = [t.plugins[-1].state["updates"].tolist() for t in (graphed, eager)]
+    assert ema[0] == ema[1] == [graphed.step_count] * 2
+    for k in range(2):
+        assert rg[k].final["val_loss"] == pytest.approx(re[k].final["val_loss"], rel=1e-4)
+        assert rg[k].epochs[-1]["penalty_label_smoothing"] == pytest.approx(
+            re[k].epochs[-1]["penalty_label_smoothing"], rel=1e-4)
+    for name, p in params_of(eager).items():
+        assert torch.allclose(params_of(graphed)[name], p, rtol=1e-4, atol=1e-5), name
+
+
 SKIPPING = dict(model={"hidden_sizes": [64, 32], "dtype": "float64"}, data={"batch_size": 32, "val_size": 64},
                 epochs=2, optimizer={"name": "adam", "lr": 3e-3})
 

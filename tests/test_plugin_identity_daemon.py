@@ -84,6 +84,14 @@ def test_the_per_job_table_shows_each_jobs_error(cluster, tmp_path, capsys):
     header, _, row = out.splitlines()[1:4]
     assert header.split()[-2:] == ["node", "error"]
     assert " failed " in row and row.endswith("plugin 'raises', hook 'penalty': RuntimeError: the penalty …")
+    # `logs` has the whole error with the plugin's traceback: its file and line, nothing of the trainer's frames.
+    assert main(["logs", row.split()[0]]) == 0
+    logs = capsys.readouterr().out
+    trace = logs[logs.index("Traceback (the plugin's frames"):].splitlines()
+    source = (cluster["plugin_dir"] / "raises.py").read_text().splitlines()
+    line = 1 + next(i for i, x in enumerate(source) if "raise RuntimeError" in x)
+    assert trace[1] == f'  File "{cluster["plugin_dir"] / "raises.py"}", line {line}, in penalty'
+    assert "trainer.py" not in logs
 
 
 def test_a_client_with_other_plugin_code_is_refused(cluster, tmp_path, capsys):
