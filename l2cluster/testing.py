@@ -214,7 +214,7 @@ def _ddp_differs(cls, settings, optimizer, stacked, results) -> str:
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_rank_main, args=(cls, list(settings), optimizer, out), nprocs=2, join=True)
         for rank in range(2):
-            got = torch.load(os.path.join(out, f"rank{rank}.pt"))
+            got = torch.load(os.path.join(out, f"rank{rank}.pt"), weights_only=True)
             diff = _differs(got["params"], _params(stacked))
             if diff:
                 return f"rank {rank}: {diff}"
