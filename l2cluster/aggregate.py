@@ -133,10 +133,8 @@ def summarize(values: Iterable[float | None], confidence: float = CONFIDENCE) ->
 def export_experiment(store, experiment_id: str, *, epochs: bool = True) -> dict:
     """Everything aggregation needs about one experiment, as plain (picklable, JSON-able) dicts: its jobs with
     resolved config, group key, stored result and (with `epochs`) per-epoch metrics. KeyError if unknown."""
+    experiment_id = store.resolve_experiment(experiment_id)  # the id, or a unique prefix of it
     exp = store.experiment(experiment_id)
-    if exp is None:
-        known = ", ".join(e["id"] for e in store.experiments()[-5:]) or "none"
-        raise KeyError(f"no experiment {experiment_id!r}; recent: {known}")
     jobs = []
     for row in store.jobs(experiment_id):
         job = job_dict(row)

@@ -1,7 +1,8 @@
 """The `l2cluster` command line: validate and inspect specs and plugins, and train a spec's jobs in this process.
 
 User errors (a bad spec, a missing plugin, unreadable data) print the field and the fix — never a traceback —
-and exit with code 2. Results go to stdout, logs to stderr.
+and exit with code 2. Results go to stdout, logs to stderr. Exit codes: 0 ok, 1 a job failed, 2 bad input (or
+no daemon), 130 interrupted. Commands that only read results import neither torch nor (with --store) Ray.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-from l2cluster.data import DataError
 
 EXIT_USAGE = 2
 
@@ -77,6 +76,17 @@ def cmd_plugins_show(args) -> int:
         info = registry.get(args.name)
     except KeyError as e:
         raise UserError(e.args[0]) from None
+    fields = [{"field": fname, "type": _type_name(f.annotation),
+               "default": None if f.is_required() else f.default, "required": f.is_required(),
+               "doc": f.description or ""}
+              for fname, f in info.config_model.model_fields.items() if fname != "name"]
+    if args.format != "table":
+        record = {"name": info.name, "origin": info.origin, "version": info.version, "hooks": list(info.hooks),
+                  "doc": (info.cls.__doc__ or "").strip(), "fields": fields,
+                  "schema": info.config_model.model_json_schema()}
+        _print_rows(args.format, ("field", "type", "default", "required", "doc"),
+                    [[f["field"], f["type"], f["default"], f["required"], f["doc"]] for f in fields], record)
+        return 0
     print(f"{info.name}  ({info.origin})")
     doc = (info.cls.__doc__ or "").strip()
     if doc:
@@ -173,7 +183,6 @@ def _daemon_call(fn, *args, timeout: float | None = 60, restart_wait_s: float = 
     import ray
 
     from l2cluster.daemon import coordinator
-    from l2cluster.plugin import PluginError
 
     deadline = time.monotonic() + restart_wait_s
     while True:
@@ -189,7 +198,7 @@ def _daemon_call(fn, *args, timeout: float | None = 60, restart_wait_s: float = 
             cause = e.as_instanceof_cause()
             if isinstance(cause, KeyError):
                 raise UserError(cause.args[0]) from None
-            if isinstance(e.cause, PluginError):  # its message alone; the Ray wrapper's text has the traceback
+            if isinstance(e.cause, _loaded("l2cluster.plugin", "PluginError")):  # its message alone, no traceback
                 raise UserError(str(e.cause)) from None
             raise cause from None
 
@@ -331,20 +340,56 @@ def _error_cell(error: str | None, width: int = 60) -> str:
 
 
 def cmd_status(args) -> int:
-    from l2cluster.daemon import connect
+    from l2cluster.store import experiment_rows, job_dict
 
-    connect(args.address)
     if args.experiment is None:
+        experiments = _read(args, "status", experiment_rows)
         rows = [(e["experiment"], e["priority"], time.strftime("%Y-%m-%d %H:%M", time.localtime(e["submitted_at"])),
-                 " ".join(f"{k}={v}" for k, v in sorted(e["counts"].items())))
-                for e in _daemon_call("status")]
-        print(_table(("experiment", "priority", "submitted", "jobs"), rows))
+                 " ".join(f"{k}={v}" for k, v in sorted(e["counts"].items()))) for e in experiments]
+        _print_rows(args.format, ("experiment", "priority", "submitted", "jobs"), rows, experiments)
         return 0
-    jobs = _daemon_call("status", args.experiment)
+    jobs = _read(args, "status", lambda store: [job_dict(r) for r in store.jobs(store.resolve_experiment(args.experiment))],
+                 args.experiment)
     rows = [(j["job"], j["label"] or "-", j["seed"], j["state"], j["epoch"], j["attempts"], _pack_cell(j),
              j["node"] or "-") for j in jobs]
-    print(_table(("job", "variant", "seed", "state", "epoch", "attempts", "pack", "node"), rows))
+    _print_rows(args.format, ("job", "variant", "seed", "state", "epoch", "attempts", "pack", "node"), rows, jobs)
     return 0
+
+
+def _read(args, call: str, from_store, *call_args):
+    """What a read-only command shows: from a store file with --store (no daemon, no Ray), else asked of the
+    daemon's coordinator with `call`."""
+    if getattr(args, "store", None):
+        from l2cluster.store import Store
+
+        store = Store.open_read_only(args.store)
+        try:
+            return from_store(store)
+        except KeyError as e:
+            raise UserError(e.args[0]) from None
+        finally:
+            store.close()
+    from l2cluster.daemon import DaemonError, connect
+
+    try:
+        connect(args.address)
+    except DaemonError as e:
+        raise UserError(f"{e}; or read a store file directly with --store PATH") from None
+    return _daemon_call(call, *call_args)
+
+
+def _print_rows(fmt: str, header: Sequence[str], rows: Sequence[Sequence], records: list[dict]) -> None:
+    """A command's rows as an aligned table, CSV (the table's columns) or JSON (the full records)."""
+    if fmt == "json":
+        print(json.dumps(records, indent=2, default=str))
+    elif fmt == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    else:
+        print(_table(header, rows))
 
 
 def _pack_cell(job: dict) -> str:
@@ -392,10 +437,18 @@ def cmd_results(args) -> int:
 
     exports = _exports(args, args.experiments)
     if args.jobs:
-        if args.format not in ("table", "json"):
-            raise UserError("--jobs prints a table or JSON; drop --format or use --format table|json")
+        if args.format not in ("table", "json", "csv"):
+            raise UserError("--jobs prints a table, JSON or CSV; drop --format or use --format table|json|csv")
         jobs = [{k: v for k, v in j.items() if k != "epochs"} for e in exports for j in e["jobs"]]
-        print(json.dumps(jobs, indent=2) if args.format == "json" else _results_table(jobs))
+        if args.format == "csv":  # every final metric, unrounded, and the whole error
+            keys = list(dict.fromkeys(k for j in jobs for k in ((j.get("result") or {}).get("final") or {})))
+            header = ("job", "experiment", "label", "seed", "state", "settings", *keys, "error")
+            rows = [(j["job"], j["experiment"], j["label"], j["seed"], j["state"], json.dumps(j["overrides"]),
+                     *[((j.get("result") or {}).get("final") or {}).get(k, "") for k in keys],
+                     j.get("error") or (j.get("result") or {}).get("error") or "") for j in jobs]
+            _print_rows("csv", header, rows, jobs)
+        else:
+            print(json.dumps(jobs, indent=2) if args.format == "json" else _results_table(jobs))
         return 0
     try:
         per_experiment = [group_jobs(e, args.by) for e in exports]
@@ -417,10 +470,17 @@ def cmd_report(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from l2cluster.daemon import connect
+    from l2cluster.store import job_log
 
-    connect(args.address)
-    info = _daemon_call("logs", args.job)
+    info = _read(args, "logs", lambda store: job_log(store, args.job), args.job)
+    if args.format == "json":
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    if args.format == "csv":  # the per-epoch metrics, one row per epoch
+        keys = list(dict.fromkeys(k for m in info["epochs"] for k in m))
+        _print_rows("csv", keys, [[m.get(k, "") for k in keys] for m in info["epochs"]], info["epochs"])
+        return 0
+    print(f"job {info['job']['job']}  ({info['job']['experiment']}, {info['job']['state']})")
     plugins = info["job"].get("plugins")
     if plugins:
         print("plugins: " + ", ".join(f"{name} {version}" for name, version in sorted(plugins.items())))
@@ -523,14 +583,69 @@ def _rerun_option(p) -> None:
                         "plugin versions); their stored results and epochs are deleted")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from l2cluster.report import FORMATS
-    from l2cluster.spec import DEFAULT_MAX_JOBS
+# Every subcommand's description and example(s), shown by `l2cluster COMMAND --help` (a test checks that none is
+# missing).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("Check a job spec and count its jobs, without training anything.",
+                 "l2cluster validate jobs/compare_regularizers.yaml"),
+    "schema": ("Print the JSON Schema of job specs, with every loaded plugin's config (for editors and CI).",
+               "l2cluster schema > spec.schema.json"),
+    "plugins": ("List the regularizer plugins this process can load, or show one's config with its docs.",
+                "l2cluster plugins list\nl2cluster --plugin-dir ./my_plugins plugins show my_reg --format json"),
+    "plugins list": ("Name, origin, hooks and status (ok, refused or unavailable, with the reason) of every plugin.",
+                     "l2cluster plugins list"),
+    "plugins show": ("A plugin's documentation, hooks and config fields (type, default, doc).",
+                     "l2cluster plugins show label_smoothing\nl2cluster plugins show l2 --format json"),
+    "daemon": ("Start, stop or check the daemon: a coordinator actor on a Ray cluster (a local head on 127.0.0.1 "
+               "unless --address names one) that keeps the store and schedules jobs on warm gangs.",
+               "l2cluster daemon start --num-cpus 8\nl2cluster daemon status\nl2cluster daemon stop"),
+    "submit": ("Queue a spec's jobs on the daemon and print the experiment id; --wait shows progress and the "
+               "results.", "l2cluster submit jobs/compare_regularizers.yaml --wait"),
+    "status": ("Experiments with their job counts, or one experiment's jobs (an id or a unique prefix of it).",
+               "l2cluster status\nl2cluster status quickstart --store ~/.local/state/l2cluster/store.db"),
+    "cancel": ("Cancel an experiment's unfinished jobs, or one job (ids or unique prefixes).",
+               "l2cluster cancel compare-regularizers-1a2b3c4d\nl2cluster cancel 94494366"),
+    "results": ("An experiment's configurations summarized over seeds (mean, sd, 95% CI), ranked by validation "
+                "accuracy; several experiments side by side; or one row per job with --jobs.",
+                "l2cluster results quickstart --store ~/.local/state/l2cluster/store.db\n"
+                "l2cluster results EXP --by regularizers.l2.strength --format csv"),
+    "report": ("Write an offline HTML report with plots (and the PNGs and a CSV) of an experiment.",
+               "l2cluster report quickstart -o report/ --store ~/.local/state/l2cluster/store.db"),
+    "logs": ("A job's plugin versions, state changes, per-epoch metrics and error (with a plugin's traceback).",
+             "l2cluster logs 94494366\nl2cluster logs 94494366 --format csv --store store.db"),
+    "run": ("Run a spec on an embedded local Ray: start it, train every job, print the results, shut down. The "
+            "store keeps the results for `results`, `report` and `status` with --store.",
+            "l2cluster run jobs/quickstart.yaml --data-dir ../shared/data/mnist"),
+    "train": ("Train a spec's jobs one after another in this process, without Ray (the debugging path).",
+              "l2cluster train jobs/reference.yaml --limit 1 --device cpu"),
+}
 
-    parser = argparse.ArgumentParser(prog="l2cluster", description=__doc__.splitlines()[0])
+
+def _subcommands(parser: argparse.ArgumentParser, prefix: str = ""):
+    """(name, parser) of every subcommand, nested ones as "plugins show"."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield prefix + name, sub
+                yield from _subcommands(sub, prefix + name + " ")
+
+
+def _format_option(p, formats=("table", "json", "csv")) -> None:
+    p.add_argument("--format", choices=formats, default="table", help="output format (default: table)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from l2cluster import __version__
+    from l2cluster.limits import DEFAULT_MAX_JOBS
+    from l2cluster.report import FORMATS
+
+    parser = argparse.ArgumentParser(prog="l2cluster", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"l2cluster {__version__}")
     parser.add_argument("--plugin-dir", action="append", metavar="DIR",
-                        help="load regularizer plugins from DIR (repeatable; also L2CLUSTER_PLUGIN_DIRS)")
-    sub = parser.add_subparsers(dest="command", required=True)
+                        help="load regularizer plugins from DIR (repeatable; also L2CLUSTER_PLUGIN_DIRS; accepted "
+                             "after the subcommand too)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def spec_command(name, fn, help):
         p = sub.add_parser(name, help=help)
@@ -548,7 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     psub.add_parser("list", help="name, origin, hooks and status of every plugin").set_defaults(fn=cmd_plugins_list)
     p = psub.add_parser("show", help="a plugin's config fields with their docs")
     p.add_argument("name")
-    p.add_argument("--json", action="store_true", help="also print the config's JSON Schema")
+    p.add_argument("--json", action="store_true", help="also print the config's JSON Schema (with --format table)")
+    _format_option(p)
     p.set_defaults(fn=cmd_plugins_show)
 
     def daemon_options(p, store_default_help="the local daemon's store"):
@@ -579,8 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_submit)
 
     p = sub.add_parser("status", help="experiments, or one experiment's jobs")
-    p.add_argument("experiment", nargs="?")
+    p.add_argument("experiment", nargs="?", metavar="EXP", help="an experiment id or a unique prefix of it")
+    p.add_argument("--store", help="read this store file directly instead of asking the daemon")
     p.add_argument("--address")
+    _format_option(p)
     p.set_defaults(fn=cmd_status)
 
     p = sub.add_parser("cancel", help="cancel an experiment's unfinished jobs, or one job")
@@ -609,8 +727,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("logs", help="a job's state changes, epochs and error")
-    p.add_argument("job")
+    p.add_argument("job", metavar="JOB", help="a job id or a unique prefix of it (as `status` shows)")
+    p.add_argument("--store", help="read this store file directly instead of asking the daemon")
     p.add_argument("--address")
+    _format_option(p)
     p.set_defaults(fn=cmd_logs)
 
     p = sub.add_parser("run", help="run a spec on an embedded local Ray and print the results (the default)")
@@ -626,33 +746,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (from the spec's scaling.use_gpu), cpu or cuda")
     p.add_argument("--limit", type=int, default=0, help="run only the first N jobs")
     _max_pack_option(p)
+
+    for name, p in _subcommands(parser):
+        description, example = COMMANDS.get(name, ("", ""))
+        p.description = description
+        p.epilog = "example" + ("s" if "\n" in example else "") + ":\n  " + example.replace("\n", "\n  ") if example else None
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        # Global options are accepted after the subcommand too (`l2cluster run spec.yaml --plugin-dir DIR`).
+        p.add_argument("--plugin-dir", action="append", metavar="DIR", dest="plugin_dir_after", default=[],
+                       help=argparse.SUPPRESS)
     return parser
 
 
+def _loaded(module: str, name: str) -> type:
+    """An exception class from a module, if that module is loaded (else a class nothing raises): an exception of
+    a class can only exist once its module was imported, so catching it needs no import (of torch, say)."""
+    return getattr(sys.modules.get(module), name, _NeverRaised)
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+def _user_errors() -> tuple[type, ...]:
+    """The exceptions that mean bad input or an unreachable daemon: printed as one line, exit code 2."""
+    return (UserError, _loaded("l2cluster.data", "DataError"), _loaded("l2cluster.plugin", "PluginError"),
+            _loaded("l2cluster.daemon", "DaemonError"), _loaded("l2cluster.store", "StoreError"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from l2cluster.plugin import PluginError
-    from l2cluster.spec import SpecError
-
+    if os.environ.get("NO_COLOR") and not os.environ.get("FORCE_COLOR"):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's colored worker-log prefixes (no-color.org)
     args = build_parser().parse_args(argv)
+    args.plugin_dir = [*(args.plugin_dir or []), *getattr(args, "plugin_dir_after", [])]
     try:
-        return args.fn(args)
-    except SpecError as e:
-        print(e.render(), file=sys.stderr)
-    except (UserError, DataError, PluginError) as e:
-        print(f"error: {e}", file=sys.stderr)
-    except Exception as e:
-        from l2cluster.daemon import DaemonError
-        from l2cluster.store import StoreError
-
-        if not isinstance(e, (DaemonError, StoreError)):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        code = args.fn(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return code
     except BrokenPipeError:  # stdout closed early (`l2cluster schema | head`): not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if isinstance(e, _loaded("l2cluster.spec", "SpecError")):
+            print(e.render(), file=sys.stderr)
+        elif isinstance(e, _user_errors()):
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            raise
     return EXIT_USAGE
 
 

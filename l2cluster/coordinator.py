@@ -28,10 +28,8 @@ from l2cluster.gang import Gang, GangShape, remove_orphaned_placement_groups
 from l2cluster.log import configure_logging, get_logger
 from l2cluster.packing import ASSUMED_GPU_BYTES, max_members, pack_id, take_pack
 from l2cluster.states import JobState
-from l2cluster.store import Store, job_dict
+from l2cluster.store import Store, experiment_rows, job_dict, job_log
 
-NAMESPACE = "l2cluster"
-NAME = "coordinator"
 _TICK_S = 0.05
 _CRASH_GRACE_S = 10.0  # how long the other ranks may take to notice a crashed rank before the gang is dropped
 
@@ -125,14 +123,12 @@ class Coordinator:
     async def status(self, experiment_id: str | None = None) -> list[dict]:
         self._ensure_loop()
         if experiment_id is None:
-            return [{"experiment": e["id"], "priority": e["priority"], "submitted_at": e["submitted_at"],
-                     "counts": self.store.counts(e["id"])} for e in self.store.experiments()]
-        self._need_experiment(experiment_id)
-        return [job_dict(r) for r in self.store.jobs(experiment_id)]
+            return experiment_rows(self.store)
+        return [job_dict(r) for r in self.store.jobs(self.store.resolve_experiment(experiment_id))]
 
     async def results(self, experiment_id: str) -> list[dict]:
-        self._need_experiment(experiment_id)
-        return [{**job_dict(r), "result": self.store.result(r["id"])} for r in self.store.jobs(experiment_id)]
+        rows = self.store.jobs(self.store.resolve_experiment(experiment_id))
+        return [{**job_dict(r), "result": self.store.result(r["id"])} for r in rows]
 
     async def export(self, experiment_id: str, epochs: bool = True) -> dict:
         """An experiment's jobs with config, group key, result and per-epoch metrics, for `results` and `report`
@@ -142,20 +138,20 @@ class Coordinator:
         return export_experiment(self.store, experiment_id, epochs=epochs)
 
     async def logs(self, job_id: str) -> dict:
-        row = self.store.job(job_id)
-        if row is None:
-            raise KeyError(f"no job {job_id!r}; `l2cluster status EXPERIMENT` lists job ids")
-        events = [{"at": e["at"], "from": e["old_state"], "to": e["new_state"], "attempt": e["attempt"],
-                   "detail": e["detail"]} for e in self.store.events(job_id)]
-        return {"job": job_dict(row), "events": events, "epochs": self.store.epochs(job_id),
-                "result": self.store.result(job_id)}
+        return job_log(self.store, job_id)
 
     async def cancel(self, target: str) -> int:
         """Cancel an experiment's unfinished jobs, or one job; returns how many were cancelled or told to stop."""
         self._ensure_loop()
-        rows = self.store.jobs(target) if self.store.experiment(target) else [r for r in [self.store.job(target)] if r]
-        if not rows:
-            raise KeyError(f"no experiment or job {target!r}")
+        try:
+            rows = self.store.jobs(self.store.resolve_experiment(target))
+        except KeyError as not_experiment:
+            try:
+                rows = [self.store.job(self.store.resolve_job(target))]
+            except KeyError as not_job:
+                ambiguous = [e.args[0] for e in (not_experiment, not_job) if "ambiguous" in e.args[0]]
+                raise KeyError(ambiguous[0] if ambiguous else f"no experiment or job {target!r}; `l2cluster "
+                               "status` lists experiments, `l2cluster status EXPERIMENT` their jobs") from None
         n = 0
         packs: dict[str, RunningPack] = {}
         for row in rows:
@@ -472,11 +468,6 @@ class Coordinator:
         options += [f"--plugin-dir {shlex.quote(d)}" for d in self.plugin_dirs]
         return (f"l2cluster daemon stop && l2cluster daemon start {' '.join(options)} (with the other options it "
                 "was started with; add --address for a daemon on an existing Ray cluster)")
-
-    def _need_experiment(self, experiment_id: str) -> None:
-        if self.store.experiment(experiment_id) is None:
-            known = ", ".join(e["id"] for e in self.store.experiments()[-5:]) or "none"
-            raise KeyError(f"no experiment {experiment_id!r}; recent: {known}")
 
 
 async def _await_ranks(refs: list) -> tuple[list[dict | None], int]:

@@ -19,8 +19,11 @@ from pathlib import Path
 
 import ray
 
-from l2cluster.coordinator import NAME, NAMESPACE, Coordinator
-from l2cluster.spec import DEFAULT_MAX_JOBS
+from l2cluster.limits import DEFAULT_MAX_JOBS
+
+# The coordinator actor's name and namespace on the cluster: how every client finds the daemon.
+NAMESPACE = "l2cluster"
+NAME = "coordinator"
 
 
 class DaemonError(RuntimeError):
@@ -137,6 +140,8 @@ def start_coordinator(store: str | Path, *, plugin_dirs=(), data_dir: str | None
     """Create the named coordinator (or return the running one) and wait until it answers."""
     # On the head node: the store path is the head's, and the coordinator outlives any worker node.
     head = {"node:__internal_head__": 0.001} if "node:__internal_head__" in ray.cluster_resources() else {}
+    from l2cluster.coordinator import Coordinator  # imports torch: only where a coordinator is started
+
     handle = Coordinator.options(
         name=NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached" if detached else None,
         resources=head,

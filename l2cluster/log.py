@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -12,7 +13,7 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     """Rich events (`job_started`, `epoch_done`, …) with bound context; data goes to stdout, logs to stderr."""
     if json is None:
         json = not sys.stderr.isatty()
-    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=True)
+    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=use_color())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -24,6 +25,16 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def use_color(stream=None) -> bool:
+    """ANSI colors on `stream` (stderr): FORCE_COLOR forces them, NO_COLOR turns them off (no-color.org), else only
+    on a terminal."""
+    if os.environ.get("FORCE_COLOR", "") not in ("", "0"):
+        return True
+    if os.environ.get("NO_COLOR"):
+        return False
+    return (stream or sys.stderr).isatty()
 
 
 def get_logger(**context):

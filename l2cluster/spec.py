@@ -33,9 +33,9 @@ from pydantic import (
     model_validator,
 )
 
+from l2cluster.limits import DEFAULT_MAX_JOBS  # noqa: F401 (spec.DEFAULT_MAX_JOBS, as before)
 from l2cluster.registry import Registry
 
-DEFAULT_MAX_JOBS = 10_000
 NUM_PIXELS, NUM_CLASSES = 784, 10
 MAX_SEED = 2**63 - 1  # the store keeps seeds in SQLite INTEGER columns (signed 64-bit)
 

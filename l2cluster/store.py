@@ -324,6 +324,31 @@ class Store:
         return {"outcome": row["outcome"], "final": json.loads(row["final_json"]),
                 "diverged_epoch": row["diverged_epoch"], "error": row["error"]}
 
+    def resolve_job(self, text: str) -> str:
+        """A job id from the id or a unique prefix of it, as git takes commits (`logs 94494366`); KeyError saying
+        what matched otherwise."""
+        return self._resolve("job", text, "SELECT id FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT 6",
+                             "`l2cluster status EXPERIMENT` lists job ids")
+
+    def resolve_experiment(self, text: str) -> str:
+        """An experiment id from the id or a unique prefix of it (`quickstart` for `quickstart-5a46e6ab`)."""
+        recent = ", ".join(e["id"] for e in self.experiments()[-5:]) or "none"
+        return self._resolve("experiment", text,
+                             "SELECT id FROM experiments WHERE id >= ? AND id < ? ORDER BY id LIMIT 6",
+                             f"recent: {recent}")
+
+    def _resolve(self, kind: str, text: str, sql: str, hint: str) -> str:
+        # Prefix match by range ([text, text + U+10FFFF)), so ids with LIKE's wildcards are matched literally.
+        ids = [r[0] for r in self._db.execute(sql, (text, text + "\U0010ffff")).fetchall()]
+        if text in ids:
+            return text
+        if len(ids) == 1:
+            return ids[0]
+        if not ids:
+            raise KeyError(f"no {kind} {text!r}; {hint}")
+        shown = ", ".join(ids[:5]) + (", …" if len(ids) > 5 else "")
+        raise KeyError(f"{kind} prefix {text!r} is ambiguous: it matches {shown}; give more of the id")
+
     def events(self, job_id: str) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM events WHERE job_id = ? ORDER BY rowid", (job_id,)).fetchall()
 
@@ -368,3 +393,19 @@ def job_dict(row: sqlite3.Row) -> dict:
             "finished_at": row["finished_at"],
             "pack": row["pack_id"] if "pack_id" in row.keys() else None,  # noqa: SIM118 (a Row's `in` reads values)
             "plugins": json.loads(row["plugins_json"] or "{}") if "plugins_json" in row.keys() else {}}  # noqa: SIM118
+
+
+# -- what `status` and `logs` show: read by the coordinator, or straight from a store file by the CLI ------------
+def experiment_rows(store: Store) -> list[dict]:
+    """Every experiment with its job counts by state."""
+    return [{"experiment": e["id"], "priority": e["priority"], "submitted_at": e["submitted_at"],
+             "counts": store.counts(e["id"])} for e in store.experiments()]
+
+
+def job_log(store: Store, job: str) -> dict:
+    """A job (id or unique prefix) with its state changes, per-epoch metrics and result."""
+    job_id = store.resolve_job(job)
+    events = [{"at": e["at"], "from": e["old_state"], "to": e["new_state"], "attempt": e["attempt"],
+               "detail": e["detail"]} for e in store.events(job_id)]
+    return {"job": job_dict(store.job(job_id)), "events": events, "epochs": store.epochs(job_id),
+            "result": store.result(job_id)}
