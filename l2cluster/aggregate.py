@@ -8,6 +8,9 @@ Statistics per configuration are over its succeeded jobs (one per seed): mean, s
 (n − 1) and a 95% confidence interval of the mean from Student's t, mean ± t(0.975, n − 1)·sd/√n. The t
 quantile is computed here (no scipy): the t CDF through the regularized incomplete beta function, inverted by
 bisection.
+
+Two experiments are compared per shared configuration by Welch's t-test on the seeds' final test accuracies
+(unequal variances; degrees of freedom by Welch–Satterthwaite; two-sided p from the same t CDF).
 """
 
 from __future__ import annotations
@@ -127,6 +130,43 @@ def summarize(values: Iterable[float | None], confidence: float = CONFIDENCE) ->
     sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
     half = t_quantile(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n)
     return Stat(n, mean, sd, mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class Welch:
+    """Welch's two-sample t-test of mean(b) − mean(a): the difference, its standard error, t, the
+    Welch–Satterthwaite degrees of freedom, the two-sided p and the 95% CI of the difference. t, df, p and the CI
+    are None where a sample has fewer than 2 values or both have no spread (se = 0)."""
+
+    delta: float
+    se: float | None
+    t: float | None
+    df: float | None
+    p: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+
+def welch(a: Iterable[float | None], b: Iterable[float | None], confidence: float = CONFIDENCE) -> Welch | None:
+    """Welch's t-test of b against a (None and non-finite values left out); None if either sample is empty.
+
+    t = (mean_b − mean_a) / se with se² = s_a²/n_a + s_b²/n_b, and
+    df = se⁴ / ((s_a²/n_a)²/(n_a − 1) + (s_b²/n_b)²/(n_b − 1))  (Welch 1947; Satterthwaite 1946)."""
+    sa, sb = summarize(a), summarize(b)
+    if sa.n == 0 or sb.n == 0:
+        return None
+    delta = sb.mean - sa.mean
+    if sa.n < 2 or sb.n < 2:
+        return Welch(delta, None, None, None, None, None, None)
+    va, vb = sa.sd**2 / sa.n, sb.sd**2 / sb.n
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Welch(delta, 0.0, None, None, None, None, None)
+    t = delta / se
+    df = (va + vb) ** 2 / (va**2 / (sa.n - 1) + vb**2 / (sb.n - 1))
+    p = min(1.0, 2.0 * t_cdf(-abs(t), df))
+    half = t_quantile(0.5 + confidence / 2.0, df) * se
+    return Welch(delta, se, t, df, p, delta - half, delta + half)
 
 
 # -- reading an experiment ---------------------------------------------------------------------------------------
@@ -273,6 +313,8 @@ class Group:
     gap: Stat
     weight_norm: Stat
     curves: list[dict] = field(default_factory=list)
+    per_seed: list[dict] = field(default_factory=list)
+    regularizers: str = "none"
     rank: int = 0
 
     @property
@@ -298,8 +340,13 @@ def _best_of(epochs: list[dict], final: dict) -> tuple[float | None, int | None]
     return best["val_acc"], best["epoch"]
 
 
+CURVE_METRICS = ("train_loss", "val_loss", "train_acc", "val_acc")
+DYNAMICS_METRICS = ("lr", "grad_norm", "clipped_steps")
+
+
 def _curves(jobs: list[dict]) -> list[dict]:
-    """Mean train/validation loss and accuracy per epoch over the jobs, with how many jobs reached each epoch."""
+    """Per epoch over the jobs: how many reached it, and for each stored metric the mean, the sample sd and the
+    min and max over seeds (`val_acc`, `val_acc_sd`, `val_acc_min`, `val_acc_max`); None where no job has it."""
     by_epoch: dict[int, list[dict]] = {}
     for job in jobs:
         for e in job.get("epochs") or []:
@@ -308,10 +355,22 @@ def _curves(jobs: list[dict]) -> list[dict]:
     for epoch in sorted(by_epoch):
         rows = by_epoch[epoch]
         point = {"epoch": epoch, "n": len(rows)}
-        for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
-            point[key] = summarize(r.get(key) for r in rows).mean
+        for key in (*CURVE_METRICS, *DYNAMICS_METRICS):
+            values = [float(r[key]) for r in rows if _is_number(r.get(key))]
+            point[key] = summarize(values).mean
+            point[f"{key}_sd"] = summarize(values).sd
+            point[f"{key}_min"] = min(values) if values else None
+            point[f"{key}_max"] = max(values) if values else None
         out.append(point)
     return out
+
+
+def _per_seed(job: dict) -> dict:
+    """One succeeded job's final numbers, for per-seed points and tests between experiments."""
+    f = job["result"]["final"]
+    gap = f["train_acc"] - f["test_acc"] if _is_number(f.get("train_acc")) and _is_number(f.get("test_acc")) else None
+    return {"seed": job["seed"], "val_acc": f.get("val_acc"), "test_acc": f.get("test_acc"),
+            "test_loss": f.get("test_loss"), "gap": gap, "weight_norm": f.get("weight_norm")}
 
 
 def group_jobs(export: dict, by: Sequence[str] | None = None) -> list[Group]:
@@ -360,6 +419,9 @@ def _summarize_group(experiment: str, key: str, jobs: list[dict], by: list[str])
                       if _is_number(f.get("train_acc")) and _is_number(f.get("test_acc"))),
         weight_norm=summarize(f.get("weight_norm") for f in finals),
         curves=_curves(ok),
+        per_seed=sorted((_per_seed(j) for j in ok), key=lambda r: r["seed"]),
+        regularizers="+".join(r.get("name", "?") for r in first["config"].get("regularizers") or []
+                              if isinstance(r, dict)) or "none",
     )
 
 
@@ -394,3 +456,15 @@ def compare(per_experiment: Sequence[Sequence[Group]]) -> list[dict]:
                                           "groups": [None] * len(per_experiment), "order": (i, g.rank)})
             row["groups"][i] = g
     return sorted(rows.values(), key=lambda r: r["order"])
+
+
+def compare_tests(per_experiment: Sequence[Sequence[Group]], metric: str = "test_acc") -> list[dict]:
+    """`compare`'s rows, each with `tests`: for every later experiment i ≥ 1, Welch's test of its per-seed `metric`
+    against the first experiment's (B − A), or None where the configuration is missing from either."""
+    rows = compare(per_experiment)
+    for row in rows:
+        first = row["groups"][0]
+        row["tests"] = [None if first is None or g is None else
+                        welch([s[metric] for s in first.per_seed], [s[metric] for s in g.per_seed])
+                        for g in row["groups"][1:]]
+    return rows

@@ -461,8 +461,7 @@ def cmd_results(args) -> int:
 def cmd_report(args) -> int:
     from l2cluster.report import write_report
 
-    (export,) = _exports(args, [args.experiment])
-    written = write_report(export, args.output)
+    written = write_report(_exports(args, args.experiments), args.output)
     print(written["html"])
     for path in [*written["pngs"], written["csv"]]:
         print(path)
@@ -708,7 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("results", help="an experiment's configurations summarized over seeds, ranked by validation "
                        "accuracy; several experiments side by side")
-    p.add_argument("experiments", nargs="+", metavar="EXP", help="experiment id (two or more: compared side by side)")
+    p.add_argument("experiments", nargs="+", metavar="EXP",
+                   help="experiment id (two or more: side by side, with Δ test accuracy and Welch's t-test against the "
+                        "first)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
     p.add_argument("--by", action="append", metavar="FIELD",
                    help="group by this field instead of the whole configuration: label, seed, job, or a dotted "
@@ -718,8 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address")
     p.set_defaults(fn=cmd_results)
 
-    p = sub.add_parser("report", help="an HTML report with plots (and the PNGs) of an experiment")
-    p.add_argument("experiment", metavar="EXP")
+    p = sub.add_parser("report", help="an HTML report with plots (and the PNGs) of an experiment; of several: "
+                       "compared with the first (Welch's t-test per shared configuration)")
+    p.add_argument("experiments", nargs="+", metavar="EXP", help="experiment id (two or more: compared with the first)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for report.html, the PNGs and "
                    "results.csv (created if missing)")
     p.add_argument("--store", help="read this store file directly instead of asking the daemon")

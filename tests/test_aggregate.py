@@ -23,6 +23,7 @@ from l2cluster.aggregate import (
     summarize,
     t_cdf,
     t_quantile,
+    welch,
 )
 from l2cluster.report import render
 from l2cluster.spec import expand, parse_spec
@@ -78,6 +79,50 @@ def test_betainc_special_cases():
     assert betainc(0.5, 0.5, 0.25) == pytest.approx(2 / math.pi * math.asin(0.5), abs=1e-14)
 
 
+# -- Welch's t-test ---------------------------------------------------------------------------------------------------
+def _two_sided_p_by_integration(t: float, df: float, steps: int = 20000) -> float:
+    """2·P(T > |t|) by Simpson's rule on the t density over [0, |t|] (independent of betainc)."""
+    density = lambda x: math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)  # noqa: E731
+                                 - 0.5 * math.log(df * math.pi) - (df + 1) / 2 * math.log1p(x * x / df))
+    h = abs(t) / steps
+    area = density(0) + density(abs(t)) + sum((4 if k % 2 else 2) * density(k * h) for k in range(1, steps))
+    return 1 - 2 * area * h / 3
+
+
+def test_welch_equal_sizes_gives_df_2_and_the_closed_form_p():
+    # a = [1, 3], b = [4, 6]: means 2 and 5, variances 2 and 2; se² = 2/2 + 2/2 = 2, t = 3/√2,
+    # df = 2² / (1²/1 + 1²/1) = 2; for df = 2, P(|T| > t) = 1 − t/√(2 + t²).
+    w = welch([1.0, 3.0], [4.0, 6.0])
+    t = 3 / math.sqrt(2)
+    assert (w.delta, w.se) == (3.0, pytest.approx(math.sqrt(2), abs=1e-15))
+    assert w.t == pytest.approx(t, abs=1e-14) and w.df == pytest.approx(2.0, abs=1e-14)
+    assert w.p == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-12)  # 0.16795
+    half = 4.302652729749464 * math.sqrt(2)  # t(0.975, 2)·se
+    assert (w.ci_low, w.ci_high) == (pytest.approx(3 - half, abs=1e-9), pytest.approx(3 + half, abs=1e-9))
+
+
+def test_welch_unequal_variances_and_sizes_by_hand():
+    # a = [1, 2, 3]: mean 2, var 1; b = [2, 4, 6, 8]: mean 5, var 20/3. se² = 1/3 + 5/3 = 2, t = 3/√2,
+    # df = 2² / ((1/3)²/2 + (5/3)²/3) = 4 / (1/18 + 25/27) = 216/53 ≈ 4.0755.
+    w = welch([1, 2, 3], [2, 4, 6, 8])
+    assert w.t == pytest.approx(3 / math.sqrt(2), abs=1e-14)
+    assert w.df == pytest.approx(216 / 53, abs=1e-12)
+    assert w.p == pytest.approx(_two_sided_p_by_integration(3 / math.sqrt(2), 216 / 53), abs=1e-9)
+    assert 0.09 < w.p < 0.11
+    # b − a: swapping the samples flips the sign, not the p.
+    swapped = welch([2, 4, 6, 8], [1, 2, 3])
+    assert (swapped.delta, swapped.t, swapped.p) == (-3.0, pytest.approx(-w.t), pytest.approx(w.p, abs=1e-15))
+
+
+def test_welch_needs_two_values_each_and_some_spread():
+    assert welch([], [1.0, 2.0]) is None
+    one = welch([0.5], [0.6, 0.7])
+    assert one.delta == pytest.approx(0.15) and (one.t, one.df, one.p) == (None, None, None)
+    flat = welch([0.5, 0.5], [0.6, 0.6, None])  # no spread: a difference, but no test
+    assert flat.delta == pytest.approx(0.1) and flat.se == 0.0 and flat.p is None
+    assert welch([0.5, 0.7], [0.5, 0.7]).p == pytest.approx(1.0, abs=1e-15)
+
+
 # -- mean, sd, CI ----------------------------------------------------------------------------------------------------
 def test_summarize_is_mean_sample_sd_and_a_t_interval():
     s = summarize([0.97, 0.98, 0.99])
@@ -116,10 +161,11 @@ OUTCOMES = {
 }
 
 
-def _fill(store: Store, jobs) -> None:
+def _fill(store: Store, jobs, test_shift: float = 0.0) -> None:
     for job in jobs:
         key = (job.label, job.overrides.get("regularizers.l2.strength"))
         out = {k: v[job.seed] for k, v in OUTCOMES[key].items()}
+        out["test"] = None if out["test"] is None else out["test"] + test_shift
         store.transition(job.id, "placing")
         store.transition(job.id, "running")
         if out["val"] is None:
@@ -172,9 +218,14 @@ def test_groups_summarize_the_stored_numbers_and_rank_by_validation(store_with_e
     assert top.gap.mean == pytest.approx(sum(gaps) / 3, abs=1e-15)
     assert top.gap.sd == pytest.approx(summarize(gaps).sd, abs=1e-15)
     assert top.weight_norm.mean == pytest.approx(11.0) and top.weight_norm.sd == pytest.approx(1.0)
-    assert top.curves == [
+    means = ("epoch", "n", "train_loss", "val_loss", "train_acc", "val_acc")
+    assert [{k: c[k] for k in means} for c in top.curves] == [
         {"epoch": e, "n": 3, "train_loss": pytest.approx(1 / e), "val_loss": pytest.approx(1.2 / e + 0.01),
          "train_acc": None, "val_acc": pytest.approx(0.972 + dv)} for e, dv in ((1, -0.01), (2, 0.005), (3, 0.0))]
+    # The seed band: the seeds' validation losses are 1.2/e + 0.01·seed, so min, max and sd are known.
+    assert (top.curves[0]["val_loss_min"], top.curves[0]["val_loss_max"]) == (pytest.approx(1.2), pytest.approx(1.22))
+    assert top.curves[0]["val_loss_sd"] == pytest.approx(0.01) and top.curves[0]["lr_min"] is None
+    assert [r["test_acc"] for r in top.per_seed] == [0.960, 0.961, 0.962] and top.regularizers == "l2"
     assert (top.axis.series, top.axis.knob, top.axis.x) == ("l2", "l2 strength", 1e-4)
 
     assert none.axis.x is None and none.axis.series == "none" and none.test_acc.mean == pytest.approx(0.972)
@@ -226,14 +277,20 @@ def test_experiments_compare_side_by_side_matched_by_configuration(store_with_ex
     small = {**SPEC, "name": "agg-small", "sweep": {**SPEC["sweep"], "variants": SPEC["sweep"]["variants"][:1]}}
     small_jobs = expand(parse_spec(small, registry()), registry())
     store.add_experiment("agg-2", "agg-small", small, small_jobs)
-    _fill(store, small_jobs)
+    _fill(store, small_jobs, test_shift=0.005)
     second = group_jobs(export_experiment(store, "agg-2"))
     rows = compare([first, second])
     assert [r["name"] for r in rows] == ["l2 strength=1e-4", "none", "l2 strength=0.01"]
     assert rows[1]["groups"][1].experiment == "agg-2" and rows[0]["groups"][1] is None
     text = render([first, second], "table", ["agg-1", "agg-2"]).splitlines()
     assert text[0] == "[1] agg-1  [2] agg-2"
-    assert "n [2]" in text[1] and text[3].split()[-3:] == ["-", "-", "-"]
+    assert "n [2]" in text[1] and text[1].split()[-5:] == ["pp", "[2]−[1]", "t", "df", "p"]
+    assert text[3].split()[-9:] == ["-", "-", "-", "only", "in", "[1]", "-", "-", "-"]  # [2] has no l2
+    # none: test accuracies [0.970, 0.972, 0.974] and the same + 0.005; sd 0.002 each, so se = 0.002·√(2/3),
+    # t = 0.005/se = 3.0619, df = 4 (equal sizes and variances), p = 0.0376.
+    t = 0.005 / (0.002 * math.sqrt(2 / 3))
+    p = _two_sided_p_by_integration(t, 4)
+    assert text[4].split()[-4:] == ["+0.50", f"{t:.2f}", "4.0", f"{p:.2g}"] == ["+0.50", "3.06", "4.0", "0.038"]
 
 
 def test_strength_axis_is_derived_from_the_swept_setting():

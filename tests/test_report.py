@@ -1,26 +1,144 @@
-"""A real tiny experiment on a local Ray, end to end: `submit --wait` shows progress, `results` gives the stored
-numbers in every format (through the coordinator and straight from the store file alike), experiments compare side
-by side, and `report` writes an HTML file that embeds every plot, each PNG a real, non-blank image."""
+"""The report's figures and comparisons on a made-up store (bench/report_screenshot.py's example: every kind of
+figure, in seconds), the page in a real headless Chromium where there is one; then a real tiny experiment on a local
+Ray, end to end: `submit --wait` shows progress, `results` gives the stored numbers in every format (through the
+coordinator and straight from the store file alike), experiments compare side by side with Welch's test, and
+`report` writes an HTML file that embeds every plot, each PNG a real, non-blank image."""
 
 from __future__ import annotations
 
 import base64
 import csv
+import importlib.util
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 import ray
 import yaml
 from PIL import Image
 
-from l2cluster.aggregate import summarize
+from l2cluster.aggregate import export_experiment, group_jobs, summarize, welch
 from l2cluster.cli import main
 from l2cluster.daemon import start_coordinator, start_local_ray
+from l2cluster.report import axis_scale, baseline, grids_2d, varying_dynamics, write_report
 from l2cluster.store import Store
 
-pytestmark = pytest.mark.slow
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "report_screenshot.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("report_screenshot", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- on a made-up store ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    """bench/report_screenshot.py's example store (experiment A: none, l2 over two decades, dropout, a 2-D l2 × lr
+    grid; B: none and l2 only) with the report of A alone and of A compared with B."""
+    tmp = tmp_path_factory.mktemp("example")
+    ids = load_bench().write_example_store(tmp / "store.db")
+    store = Store.open_read_only(tmp / "store.db")
+    exports = [export_experiment(store, e) for e in ids]
+    store.close()
+    return {"exports": exports, "groups": [group_jobs(e) for e in exports],
+            "single": write_report(exports[0], tmp / "single"), "pair": write_report(exports, tmp / "pair")}
+
+
+def _sections(page: str) -> list[tuple[str, str]]:
+    return re.findall(r'<section id="([^"]+)"><h3>[^<]*</h3>\n<img alt="([^"]+)" src="data:image/png;base64,', page)
+
+
+def test_axis_scale_is_log_only_over_two_decades():
+    assert axis_scale([1e-4, 1e-3, 1e-2]) == "log"
+    assert axis_scale([1e-5, 1e-3]) == "log"
+    assert axis_scale([0.001, 0.1]) == "log"
+    assert axis_scale([0.1, 0.3, 0.5]) == "linear"  # dropout p: a probability
+    assert axis_scale([0.0, 0.1, 0.2]) == "linear"  # label smoothing ε with a 0
+    assert axis_scale([1e-5, 1e-4]) == "linear"  # one decade
+    assert axis_scale([0.1, 5.0]) == "linear"  # 50×
+    assert axis_scale([]) == "linear"
+
+
+def test_single_report_has_every_figure_and_a_heatmap_only_for_the_2d_grid(example):
+    a, b = example["groups"]
+    assert [(label, x, y, len(m)) for label, x, y, m in grids_2d(a)] == [
+        ("l2-lr", "optimizer.lr", "regularizers.l2.strength", 4)]
+    assert grids_2d(b) == []  # one-dimensional sweeps only
+    assert baseline(a).name == "none"
+    assert varying_dynamics(a) == ["lr", "grad_norm"]  # clipped_steps is 0 throughout
+    page = example["single"]["html"].read_text()
+    assert _sections(page) == [
+        ("forest", "forest.png"), ("test_acc-vs-strength", "test_acc_vs_strength.png"),
+        ("accuracy-curves", "accuracy_curves.png"), ("loss-curves", "loss_curves.png"),
+        ("heatmap-1", "heatmap_1.png"), ("gap-vs-strength", "gap_vs_strength.png"),
+        ("weight_norm-vs-strength", "weight_norm_vs_strength.png"), ("dynamics", "dynamics.png")]
+    assert "Training dynamics per epoch: lr, grad_norm" in page
+    assert "constant over every epoch and configuration: clipped_steps." in page
+    for path in example["single"]["pngs"]:
+        image = Image.open(path)
+        assert image.format == "PNG" and image.width <= 1200, path  # drawn for a 1000 px page: shrunk by 15% at most
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 24)) > 50, f"{path.name} has almost no colours"
+    # The table: no sd column (it is in results.csv), shortened headers, the configuration cell may wrap.
+    table = re.search(r'<table id="results">(.*?)</table>', page).group(1)
+    headers = re.findall(r"<th>([^<]*)</th>", table)
+    assert headers == ["rank", "configuration", "n", "val acc %", "test acc % ± CI", "test loss ± CI",
+                       "best val % (epoch)", "gap pp ± CI", "‖θ‖₂", "div."]
+    assert table.count('<td class="name">') == len(a) == 11
+
+
+def test_curves_carry_seed_bands_and_strength_plots_per_seed_points(example):
+    a = example["groups"][0]
+    none = baseline(a)
+    finals = [j for j in example["exports"][0]["jobs"] if j["label"] == "none"]
+    last = [max(j["epochs"], key=lambda e: e["epoch"]) for j in finals]
+    point = none.curves[-1]
+    assert point["epoch"] == 4 and point["n"] == 3
+    assert point["val_acc_min"] == min(e["val_acc"] for e in last)
+    assert point["val_acc_max"] == max(e["val_acc"] for e in last)
+    assert point["val_acc"] == pytest.approx(sum(e["val_acc"] for e in last) / 3, abs=1e-15)
+    assert point["val_acc_min"] < point["val_acc"] < point["val_acc_max"]
+    assert [r["test_acc"] for r in none.per_seed] == [j["result"]["final"]["test_acc"] for j in
+                                                      sorted(finals, key=lambda j: j["seed"])]
+
+
+def test_two_experiments_compare_with_welch_per_shared_configuration(example):
+    a, b = example["groups"]
+    page = example["pair"]["html"].read_text()
+    assert "<title>l2cluster report: example-a vs example-b</title>" in page
+    assert [sid for sid, _ in _sections(page)][:3] == ["comparison-deltas", "1_forest", "1_test_acc-vs-strength"]
+    assert ("2_heatmap-1", "2_heatmap_1.png") not in _sections(page) and ("1_heatmap-1", "1_heatmap_1.png") in \
+        _sections(page)
+    table = re.search(r'<table id="comparison-table">(.*?)</table>', page).group(1)
+    rows = {cells[0]: cells for cells in (re.findall(r"<td[^>]*>([^<]*)</td>", r) for r in table.split("<tr>")[2:])}
+    assert len(rows) == 11
+    assert rows["dropout p=0.3"][-4:] == ["only in [1]", "-", "-", "-"]
+    none_a = next(g for g in a if g.name == "none")
+    none_b = next(g for g in b if g.name == "none")
+    test = welch([r["test_acc"] for r in none_a.per_seed], [r["test_acc"] for r in none_b.per_seed])
+    assert test.delta == pytest.approx(none_b.test_acc.mean - none_a.test_acc.mean, abs=1e-15)
+    assert rows["none"][-4:] == [f"{100 * test.delta:+.2f}", f"{test.t:.2f}", f"{test.df:.1f}", f"{test.p:.2g}"]
+
+
+@pytest.mark.slow
+def test_the_page_fits_a_1000px_window_in_headless_chromium(tmp_path, capsys):
+    bench = load_bench()
+    if bench.find_chromium() is None:
+        pytest.skip("no chromium on PATH (apt-get install -y chromium)")
+    assert bench.main(["--example", "-o", str(tmp_path), "--height", "2000"]) == 0
+    out = capsys.readouterr().out
+    width = int(re.search(r"page_width=(\d+)px window=1000px: fits", out).group(1))
+    assert 900 <= width <= 1000
+    shot = Image.open(tmp_path / "screenshot.png")
+    assert shot.size == (1000, 2000)
+    assert len(shot.convert("RGB").getcolors(maxcolors=1 << 24)) > 50  # the page rendered, images included
+
+
+# -- a real experiment on a local Ray ----------------------------------------------------------------------------------
 
 # 400 training images (real MNIST where it is available): enough that the configurations differ.
 TINY = {"model": {"hidden_sizes": [16]}, "data": {"batch_size": 50, "val_size": 100, "train_size": 400},
@@ -35,7 +153,8 @@ VARIANTS = [
     {"label": "grad_clip", "set": {"regularizers": [{"name": "grad_clip"}]},
      "grid": {"regularizers.grad_clip.max_norm": [0.1, 5.0]}},
 ]
-PNGS = ["test_acc_vs_strength.png", "loss_curves.png", "gap_vs_strength.png", "weight_norm_vs_strength.png"]
+PNGS = ["forest.png", "test_acc_vs_strength.png", "accuracy_curves.png", "loss_curves.png", "gap_vs_strength.png",
+        "weight_norm_vs_strength.png", "dynamics.png"]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +186,7 @@ def _main_output(argv) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.slow
 def test_submit_wait_shows_progress_then_ranked_results(experiments):
     code, out, err = experiments["runs"][0]
     exp = experiments["ids"][0]
@@ -81,6 +201,7 @@ def test_submit_wait_shows_progress_then_ranked_results(experiments):
     assert [line.split()[0] for line in ranked] == [str(i) for i in range(1, 10)]
 
 
+@pytest.mark.slow
 def test_results_are_the_stored_numbers_in_every_format_from_daemon_and_file(experiments):
     exp, store_path = experiments["ids"][0], str(experiments["store"])
     code, via_daemon, _ = _main_output(["results", exp, "--format", "json"])
@@ -119,6 +240,7 @@ def test_results_are_the_stored_numbers_in_every_format_from_daemon_and_file(exp
     assert code == 2 and "no experiment 'no-such-experiment'" in err
 
 
+@pytest.mark.slow
 def test_two_experiments_side_by_side(experiments):
     first, second = experiments["ids"]
     code, out, _ = _main_output(["results", first, second])
@@ -129,9 +251,11 @@ def test_two_experiments_side_by_side(experiments):
     assert len(rows) == 9
     # Configurations of both experiments have numbers in both column sets; the others only in the first.
     assert len(re.findall(r"\d+\.\d\d ± \d+\.\d\d", rows["none"])) == 2
-    assert rows["dropout p=0.5"].split()[-3:] == ["-", "-", "-"]
+    assert re.search(r" [+-]\d+\.\d\d +-?\d+\.\d\d +\d+\.\d +\S+$", rows["none"])  # Δ pp, t, df, p
+    assert rows["dropout p=0.5"].split()[-9:] == ["-", "-", "-", "only", "in", "[1]", "-", "-", "-"]
 
 
+@pytest.mark.slow
 def test_report_embeds_every_plot_and_each_png_is_a_real_image(experiments):
     exp = experiments["ids"][0]
     out_dir = experiments["tmp"] / "report"
