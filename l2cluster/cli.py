@@ -416,6 +416,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from l2cluster.export import ExportError, export_to
+
+    (export,) = _exports(args, [args.experiment])
+    try:
+        print(export_to(export, args.format, args.output))
+    except ExportError as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
 def cmd_logs(args) -> int:
     from l2cluster.daemon import connect
 
@@ -607,6 +618,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="read this store file directly instead of asking the daemon")
     p.add_argument("--address")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("export", help="an experiment's per-epoch metrics and final results for TensorBoard, MLflow "
+                       "or as a CSV, Parquet or JSON Lines file")
+    p.add_argument("experiment", metavar="EXP")
+    p.add_argument("--format", required=True, choices=("tensorboard", "mlflow", "csv", "parquet", "jsonl"),
+                   help="tensorboard: a folder with one run per job (+ HParams); mlflow: one run per job under one "
+                        "per experiment; csv/parquet: one row per job x epoch; jsonl: one JSON object per line")
+    p.add_argument("-o", "--output", required=True, metavar="DEST", help="the file (csv, parquet, jsonl), a new or "
+                   "empty folder (tensorboard), or a folder or tracking URI such as sqlite:///PATH/mlflow.db (mlflow)")
+    p.add_argument("--store", help="read this store file directly instead of asking the daemon")
+    p.add_argument("--address")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("logs", help="a job's state changes, epochs and error")
     p.add_argument("job")
