@@ -23,11 +23,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from l2cluster.states import JobState
+
 FORMATS = ("tensorboard", "mlflow", "csv", "parquet", "jsonl")
 # Per job, the metrics the TensorBoard HParams tab and MLflow compare runs by (those a job has; final/… are the
 # job's final metrics, the rest the last epoch's).
 SUMMARY_METRICS = ("val_acc", "val_loss", "final/test_acc", "final/test_loss", "train_acc", "train_loss")
-_STATES_MLFLOW = {"succeeded": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "cancelled": "KILLED"}
+_MLFLOW_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "cancelled": "KILLED"}
 
 
 class ExportError(ValueError):
@@ -121,27 +123,27 @@ def write_tensorboard(export: dict, dest: str | Path) -> Path:
     root = _empty_folder(dest)
     jobs = export["jobs"]
     hparams = {job["job"]: _hparams(job) for job in jobs}
-    scalars = {job["job"]: _scalars(job) for job in jobs}
-    present = {tag for s in scalars.values() for tag, _, _ in s}
+    scalars = {job["job"]: _scalars(job, job.get("started_at") or export["submitted_at"]) for job in jobs}
+    present = {tag for s in scalars.values() for tag, *_ in s}
     metrics = [m for m in SUMMARY_METRICS if m in present]
 
     _write_events(pb, root, [_hparams_summary(pb, "experiment", pb.api.Experiment(
         description=f"l2cluster experiment {export['experiment']}", time_created_secs=export["submitted_at"],
         hparam_infos=_hparam_infos(pb, hparams.values()),
-        metric_infos=[pb.api.MetricInfo(name=pb.api.MetricName(tag=m)) for m in metrics]))], export["submitted_at"])
+        metric_infos=[pb.api.MetricInfo(name=pb.api.MetricName(tag=m)) for m in metrics]), export["submitted_at"])])
     for job in jobs:
         start = job.get("started_at") or export["submitted_at"]
         session = pb.plugin_data.SessionStartInfo(group_name=job.get("group_key") or "", start_time_secs=start)
         for name, value in hparams[job["job"]].items():
             _set_hparam(session.hparams[name], value)
-        summaries = [_hparams_summary(pb, "session_start_info", session)]
-        summaries += [(step, pb.summary.Summary(value=[pb.summary.Summary.Value(tag=tag, simple_value=value)]))
-                      for tag, step, value in scalars[job["job"]]]
-        if job["state"] in _STATES_MLFLOW:
+        summaries = [_hparams_summary(pb, "session_start_info", session, start)]
+        summaries += [(step, wall, pb.summary.Summary(value=[pb.summary.Summary.Value(tag=tag, simple_value=value)]))
+                      for tag, step, value, wall in scalars[job["job"]]]
+        if JobState(job["state"]).is_terminal:
             status = pb.api.STATUS_SUCCESS if job["state"] == "succeeded" else pb.api.STATUS_FAILURE
             summaries.append(_hparams_summary(pb, "session_end_info", pb.plugin_data.SessionEndInfo(
-                status=status, end_time_secs=job.get("finished_at") or start)))
-        _write_events(pb, root / run_name(job), summaries, start)
+                status=status, end_time_secs=job.get("finished_at") or start), job.get("finished_at") or start))
+        _write_events(pb, root / run_name(job), summaries)
     return root
 
 
@@ -154,14 +156,16 @@ def run_name(job: dict) -> str:
     return re.sub(r"[^\w.=+-]", "_", "-".join(parts))
 
 
-def _scalars(job: dict) -> list[tuple[str, int, float]]:
-    """(tag, step, value) of a job's per-epoch metrics and, at its last epoch, its final metrics."""
-    out = []
+def _scalars(job: dict, start: float) -> list[tuple[str, int, float, float]]:
+    """(tag, step, value, wall time) of a job's per-epoch metrics and, at its last epoch, its final metrics. An
+    epoch's wall time is `start` plus the stored epoch_s of the epochs up to it (the time spent training)."""
+    out, wall, last = [], start, 0
     for m in job.get("epochs") or []:
-        out += [(k, m["epoch"], float(v)) for k, v in m.items() if k != "epoch" and _is_number(v)]
+        wall += m.get("epoch_s") or 0.0
+        last = m["epoch"]
+        out += [(k, last, float(v), wall) for k, v in m.items() if k != "epoch" and _is_number(v)]
     final = (job.get("result") or {}).get("final") or {}
-    last = max((m["epoch"] for m in job.get("epochs") or []), default=0)
-    out += [(f"final/{k}", last, float(v)) for k, v in final.items() if _is_number(v)]
+    out += [(f"final/{k}", last, float(v), wall) for k, v in final.items() if _is_number(v)]
     return out
 
 
@@ -213,25 +217,25 @@ def _tensorboard_protos():
                            plugin_data=plugin_data_pb2, EventFileWriter=EventFileWriter)
 
 
-def _hparams_summary(pb, kind: str, message) -> tuple[int, Any]:
-    """(step 0, a Summary holding one HParams plugin message), as tensorboard.plugins.hparams.summary writes it
-    (that module needs TensorFlow; this is its `_summary` with TensorBoard's own protos)."""
+def _hparams_summary(pb, kind: str, message, wall_time: float) -> tuple[int, float, Any]:
+    """(step 0, wall time, a Summary holding one HParams plugin message), as tensorboard.plugins.hparams.summary
+    writes it (that module needs TensorFlow; this is its `_summary` with TensorBoard's own protos)."""
     data = pb.plugin_data.HParamsPluginData(**{kind: message})
     tag = {"experiment": pb.metadata.EXPERIMENT_TAG, "session_start_info": pb.metadata.SESSION_START_INFO_TAG,
            "session_end_info": pb.metadata.SESSION_END_INFO_TAG}[kind]
     value = pb.summary.Summary.Value(tag=tag, metadata=pb.metadata.create_summary_metadata(data),
                                      tensor=pb.metadata.NULL_TENSOR)
-    return 0, pb.summary.Summary(value=[value])
+    return 0, wall_time, pb.summary.Summary(value=[value])
 
 
-def _write_events(pb, folder: Path, summaries: list[tuple[int, Any]], wall_time: float) -> None:
+def _write_events(pb, folder: Path, summaries: list[tuple[int, float, Any]]) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         writer = pb.EventFileWriter(str(folder))
     except OSError as e:
         raise ExportError(f"{folder}: cannot write ({e}); pass a writable -o folder") from None
     try:
-        for step, summary in summaries:
+        for step, wall_time, summary in summaries:
             writer.add_event(pb.event.Event(wall_time=wall_time, step=step, summary=summary))
     finally:
         writer.close()
@@ -290,16 +294,15 @@ def write_mlflow(export: dict, dest: str | Path) -> str:
             "l2cluster.seed": str(job["seed"]), "l2cluster.group": job.get("group_key") or ""})
         rid = run.info.run_id
         params = [Param(k, _text(v)[:6000]) for k, v in flatten(job.get("config") or {}).items()]
-        start = ms(job.get("started_at"))
-        metrics = [Metric(tag, value, start + 1000 * step, step) for tag, step, value in _scalars(job)]
+        metrics = [Metric(tag, value, ms(wall), step)
+                   for tag, step, value, wall in _scalars(job, job.get("started_at") or export["submitted_at"])]
         for i in range(0, len(params), 100):  # MLflow's log_batch limits: 100 params, 1000 metrics per call
             client.log_batch(rid, params=params[i:i + 100])
         for i in range(0, len(metrics), 1000):
             client.log_batch(rid, metrics=metrics[i:i + 1000])
-        if job["state"] in _STATES_MLFLOW:
-            client.set_terminated(rid, _STATES_MLFLOW[job["state"]], end_time=ms(job.get("finished_at")))
-    states = {job["state"] for job in export["jobs"]}
-    if states <= set(_STATES_MLFLOW):
+        if JobState(job["state"]).is_terminal:
+            client.set_terminated(rid, _MLFLOW_STATUS[job["state"]], end_time=ms(job.get("finished_at")))
+    if all(JobState(job["state"]).is_terminal for job in export["jobs"]):
         client.set_terminated(pid, RunStatus.to_string(RunStatus.FINISHED), end_time=ms(max(
             (j.get("finished_at") or 0 for j in export["jobs"]), default=0) or None))
     return uri

@@ -126,7 +126,8 @@ def test_csv_is_wide_one_row_per_job_epoch_with_the_stored_numbers(stored):
 
 
 def test_parquet_has_typed_columns_equal_to_the_store(stored):
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow.parquet as pq
+
     path = _export(stored, "parquet", stored["tmp"] / "out.parquet")
     table = pq.read_table(path)
     assert table.num_rows == 7
@@ -200,6 +201,9 @@ def test_tensorboard_runs_scalars_and_hparams_read_back_with_tensorboards_reader
             assert [e.step for e in events] == [1, 2]
             # TensorBoard stores scalars as float32
             assert [e.value for e in events] == pytest.approx([m[key] for m in job["epochs"]], rel=1e-6), key
+        # the time between two epochs' events is the second epoch's stored training time
+        events = acc.Scalars("val_acc")
+        assert events[1].wall_time - events[0].wall_time == pytest.approx(job["epochs"][1]["epoch_s"])
         (test_acc,) = acc.Scalars("final/test_acc")
         assert (test_acc.step, test_acc.value) == (2, pytest.approx(job["result"]["final"]["test_acc"], rel=1e-6))
 
@@ -213,8 +217,6 @@ def test_tensorboard_refuses_a_folder_that_is_not_empty(stored, tmp_path):
 
 
 def test_mlflow_parent_and_child_runs_params_and_metric_history(stored):
-    pytest.importorskip("mlflow")
-    pytest.importorskip("sqlalchemy")
     from mlflow.tracking import MlflowClient
 
     folder = stored["tmp"] / "mlruns"
