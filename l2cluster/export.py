@@ -258,9 +258,27 @@ def mlflow_uri(dest: str | Path) -> str:
     return f"sqlite:///{(folder / 'mlflow.db').resolve()}"
 
 
+def config_params(config: dict, prefix: str = "") -> dict[str, str]:
+    """A resolved config as MLflow params: dotted keys, with list entries that have a name (the regularizers) by
+    that name as in sweep grids (`regularizers.l2.strength`), other lists as JSON; every value as text."""
+    params = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        names = [x.get("name") for x in v if isinstance(x, dict)] if isinstance(v, list) else []
+        if isinstance(v, dict):
+            params.update(config_params(v, key + "."))
+        elif names and len(names) == len(v) and None not in names and len(set(names)) == len(names):
+            for name, entry in zip(names, v):
+                params.update(config_params({n: x for n, x in entry.items() if n != "name"}, f"{key}.{name}."))
+            params[key] = json.dumps(names)  # which regularizers, in order
+        else:
+            params[key] = _text(v)
+    return params
+
+
 def write_mlflow(export: dict, dest: str | Path) -> str:
     """One MLflow run per experiment (named by its id, in the MLflow experiment named like the spec) and one
-    nested run per job (tag mlflow.parentRunId): params = the job's resolved config flattened to dotted keys,
+    nested run per job (tag mlflow.parentRunId): params = the job's resolved config (`config_params`),
     every per-epoch metric with step = epoch, the final metrics as `final/<name>`, tags l2cluster.job, .state,
     .label, .seed, .group. Refuses to export an experiment twice into one tracking store. Returns the URI."""
     mlflow = _need("mlflow", "mlflow", lambda: __import__("mlflow"))
@@ -293,7 +311,7 @@ def write_mlflow(export: dict, dest: str | Path) -> str:
             "l2cluster.job": job["job"], "l2cluster.state": job["state"], "l2cluster.label": job["label"] or "",
             "l2cluster.seed": str(job["seed"]), "l2cluster.group": job.get("group_key") or ""})
         rid = run.info.run_id
-        params = [Param(k, _text(v)[:6000]) for k, v in flatten(job.get("config") or {}).items()]
+        params = [Param(k, v[:6000]) for k, v in config_params(job.get("config") or {}).items()]
         metrics = [Metric(tag, value, ms(wall), step)
                    for tag, step, value, wall in _scalars(job, job.get("started_at") or export["submitted_at"])]
         for i in range(0, len(params), 100):  # MLflow's log_batch limits: 100 params, 1000 metrics per call

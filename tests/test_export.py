@@ -19,7 +19,7 @@ import torch
 from l2cluster.aggregate import export_experiment
 from l2cluster.cli import main
 from l2cluster.data import load_mnist, split_mnist
-from l2cluster.export import epoch_records, flatten, mlflow_uri, run_name
+from l2cluster.export import config_params, epoch_records, flatten, mlflow_uri, run_name
 from l2cluster.runner import Member, run_pack
 from l2cluster.spec import expand, experiment_id, parse_spec
 from l2cluster.store import Store
@@ -233,9 +233,11 @@ def test_mlflow_parent_and_child_runs_params_and_metric_history(stored):
         run = children[job["job"]]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.run_name == run_name(job)
-        assert run.data.params == {k: (v if isinstance(v, str) else json.dumps(v))
-                                   for k, v in flatten(job["config"]).items()}
-        assert run.data.params["optimizer.lr"] == "0.01" and run.data.params["seed"] == str(job["seed"])
+        assert run.data.params == config_params(job["config"])
+        params, (path, value) = run.data.params, *job["overrides"].items()
+        assert (params["optimizer.lr"], params["seed"], params["model.hidden_sizes"]) == ("0.01", str(job["seed"]),
+                                                                                         "[16]")
+        assert params[path] == str(value) and params["regularizers"] == json.dumps([job["label"]])
         if not job["epochs"]:
             assert run.data.metrics == {} and run.info.status == "RUNNING"
             continue
@@ -270,6 +272,18 @@ def test_bad_input_exits_2_with_the_reason(stored, tmp_path, capsys):
     code, _, err = _cli(["export", stored["exp"], "--format", "tensorboard", "-o", str(blocker / "tb"),
                          "--store", stored["store"]])
     assert code == 2 and "cannot create the folder" in err
+
+
+def test_config_params_name_list_entries_by_plugin_as_sweep_paths_do():
+    config = {"optimizer": {"lr": 0.01, "betas": [0.9, 0.999]}, "epochs": 2, "model": {"activation": "relu"},
+              "regularizers": [{"name": "l2", "strength": 1e-4}, {"name": "dropout", "p": [0.1, 0.2]}]}
+    assert config_params(config) == {
+        "optimizer.lr": "0.01", "optimizer.betas": "[0.9, 0.999]", "epochs": "2", "model.activation": "relu",
+        "regularizers.l2.strength": "0.0001", "regularizers.dropout.p": "[0.1, 0.2]",
+        "regularizers": '["l2", "dropout"]'}
+    # the same plugin twice: the list as JSON, rather than one entry hiding the other
+    twice = {"regularizers": [{"name": "l2", "strength": 1}, {"name": "l2", "strength": 2}]}
+    assert config_params(twice) == {"regularizers": json.dumps(twice["regularizers"])}
 
 
 def test_importing_the_export_module_imports_neither_torch_nor_ray():
