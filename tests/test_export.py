@@ -286,6 +286,32 @@ def test_config_params_name_list_entries_by_plugin_as_sweep_paths_do():
     assert config_params(twice) == {"regularizers": json.dumps(twice["regularizers"])}
 
 
+@pytest.mark.slow
+def test_export_through_the_daemon_equals_export_from_the_store_file(tmp_path, tiny_mnist_dir):
+    """Without --store, `export` asks the coordinator (as `results` does): the same records as from the file."""
+    import yaml
+
+    from tests.support import local_daemon
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "name": "exp-daemon", "sweep": {**SPEC["sweep"], "seeds": [0]}}))
+    store = tmp_path / "store.db"
+    with local_daemon(store, num_cpus=1, data_dir=str(tiny_mnist_dir)):
+        code, out, err = _cli(["submit", str(spec), "--wait"])
+        assert code == 0, err
+        exp = out.splitlines()[0]
+        code, out, err = _cli(["export", exp, "--format", "jsonl", "-o", str(tmp_path / "daemon.jsonl")])
+        assert code == 0, err
+    code, _, err = _cli(["export", exp, "--format", "jsonl", "-o", str(tmp_path / "file.jsonl"), "--store",
+                         str(store)])
+    assert code == 0, err
+    from_daemon = (tmp_path / "daemon.jsonl").read_text()
+    assert from_daemon == (tmp_path / "file.jsonl").read_text()
+    records = [json.loads(line) for line in from_daemon.splitlines()]
+    assert [(r["label"], r["epoch"], r["state"]) for r in records] == [
+        ("l2", 1, "succeeded"), ("l2", 2, "succeeded"), ("grad_clip", 1, "succeeded"), ("grad_clip", 2, "succeeded")]
+
+
 def test_importing_the_export_module_imports_neither_torch_nor_ray():
     code = ("import sys, l2cluster.export; "
             "print(sorted(m for m in ('torch', 'ray', 'tensorboard', 'mlflow', 'pyarrow') if m in sys.modules))")
