@@ -535,6 +535,7 @@ def _rerun_option(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from l2cluster.export import FORMATS as EXPORT_FORMATS
     from l2cluster.report import FORMATS
     from l2cluster.spec import DEFAULT_MAX_JOBS
 
@@ -622,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="an experiment's per-epoch metrics and final results for TensorBoard, MLflow "
                        "or as a CSV, Parquet or JSON Lines file")
     p.add_argument("experiment", metavar="EXP")
-    p.add_argument("--format", required=True, choices=("tensorboard", "mlflow", "csv", "parquet", "jsonl"),
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                    help="tensorboard: a folder with one run per job (+ HParams); mlflow: one run per job under one "
                         "per experiment; csv/parquet: one row per job x epoch; jsonl: one JSON object per line")
     p.add_argument("-o", "--output", required=True, metavar="DEST", help="the file (csv, parquet, jsonl), a new or "

@@ -292,7 +292,8 @@ def write_mlflow(export: dict, dest: str | Path) -> str:
         found = client.get_experiment_by_name(name)
         exp_id = found.experiment_id if found else client.create_experiment(name)
     except mlflow.exceptions.MlflowException as e:
-        raise ExportError(f"{uri}: MLflow cannot use this tracking store: {e.message.splitlines()[0]}") from None
+        reason = e.message.strip().splitlines()[0]
+        raise ExportError(f"{uri}: MLflow cannot use this tracking store: {reason}") from None
     done = client.search_runs([exp_id], f"tags.`l2cluster.experiment` = '{export['experiment']}' "
                                         "AND tags.`l2cluster.kind` = 'experiment'")
     if done:
