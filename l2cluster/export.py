@@ -119,32 +119,83 @@ def write_tensorboard(export: dict, dest: str | Path) -> Path:
     each final metric as `final/<name>` at the last epoch, and the HParams plugin's session (the job's swept
     settings, seed and label; grouped by configuration) so the sweep shows in the HParams tab. The experiment's
     hparams and metrics are declared in an event file at the top of `dest`. `dest` must be empty or new."""
-    pb = _need("tensorboard", "tensorboard", _tensorboard_protos)
-    root = _empty_folder(dest)
-    jobs = export["jobs"]
-    hparams = {job["job"]: _hparams(job) for job in jobs}
-    scalars = {job["job"]: _scalars(job, job.get("started_at") or export["submitted_at"]) for job in jobs}
-    present = {tag for s in scalars.values() for tag, *_ in s}
-    metrics = [m for m in SUMMARY_METRICS if m in present]
+    with TensorBoardExport(dest, export) as tb:
+        tb.update(export)
+    return tb.root
 
-    _write_events(pb, root, [_hparams_summary(pb, "experiment", pb.api.Experiment(
-        description=f"l2cluster experiment {export['experiment']}", time_created_secs=export["submitted_at"],
-        hparam_infos=_hparam_infos(pb, hparams.values()),
-        metric_infos=[pb.api.MetricInfo(name=pb.api.MetricName(tag=m)) for m in metrics]), export["submitted_at"])])
-    for job in jobs:
-        start = job.get("started_at") or export["submitted_at"]
-        session = pb.plugin_data.SessionStartInfo(group_name=job.get("group_key") or "", start_time_secs=start)
-        for name, value in hparams[job["job"]].items():
-            _set_hparam(session.hparams[name], value)
-        summaries = [_hparams_summary(pb, "session_start_info", session, start)]
-        summaries += [(step, wall, pb.summary.Summary(value=[pb.summary.Summary.Value(tag=tag, simple_value=value)]))
-                      for tag, step, value, wall in scalars[job["job"]]]
-        if JobState(job["state"]).is_terminal:
-            status = pb.api.STATUS_SUCCESS if job["state"] == "succeeded" else pb.api.STATUS_FAILURE
-            summaries.append(_hparams_summary(pb, "session_end_info", pb.plugin_data.SessionEndInfo(
-                status=status, end_time_secs=job.get("finished_at") or start), job.get("finished_at") or start))
-        _write_events(pb, root / run_name(job), summaries)
-    return root
+
+class TensorBoardExport:
+    """`write_tensorboard`, incrementally: `update` with a newer export of the same experiment appends only what is
+    new (epochs after those written, a job's end), so `export --follow` can write a sweep's runs as it trains."""
+
+    def __init__(self, dest: str | Path, export: dict, *, metrics: tuple[str, ...] | None = None):
+        """`export`: the experiment's jobs, for the hparams declared up front; `metrics`: the HParams metrics to
+        declare (default: those of SUMMARY_METRICS the export has; while following, all of them)."""
+        self.pb = _need("tensorboard", "tensorboard", _tensorboard_protos)
+        self.root = _empty_folder(dest)
+        self.written: dict[str, int] = {}  # job → last epoch written
+        self.ended: set[str] = set()
+        self.writers: dict[str, Any] = {}
+        pb = self.pb
+        if metrics is None:
+            present = {tag for job in export["jobs"] for part in _scalars(job, 0.0) for tag, *_ in part}
+            metrics = tuple(m for m in SUMMARY_METRICS if m in present)
+        hparams = [_hparams(job) for job in export["jobs"]]
+        self._write(self.root, [_hparams_summary(pb, "experiment", pb.api.Experiment(
+            description=f"l2cluster experiment {export['experiment']}", time_created_secs=export["submitted_at"],
+            hparam_infos=_hparam_infos(pb, hparams),
+            metric_infos=[pb.api.MetricInfo(name=pb.api.MetricName(tag=m)) for m in metrics]), export["submitted_at"])])
+
+    def update(self, export: dict) -> None:
+        pb = self.pb
+        for job in export["jobs"]:
+            jid, start = job["job"], job.get("started_at") or export["submitted_at"]
+            summaries = []
+            if jid not in self.written:
+                session = pb.plugin_data.SessionStartInfo(group_name=job.get("group_key") or "", start_time_secs=start)
+                for name, value in _hparams(job).items():
+                    _set_hparam(session.hparams[name], value)
+                summaries.append(_hparams_summary(pb, "session_start_info", session, start))
+                self.written[jid] = 0
+            per_epoch, final = _scalars(job, start)
+            summaries += [_scalar_summary(pb, *x) for x in per_epoch if x[1] > self.written[jid]]
+            self.written[jid] = max([self.written[jid]] + [step for _, step, _, _ in per_epoch])
+            if JobState(job["state"]).is_terminal and jid not in self.ended:
+                summaries += [_scalar_summary(pb, *x) for x in final]
+                status = pb.api.STATUS_SUCCESS if job["state"] == "succeeded" else pb.api.STATUS_FAILURE
+                end = job.get("finished_at") or start
+                summaries.append(_hparams_summary(pb, "session_end_info", pb.plugin_data.SessionEndInfo(
+                    status=status, end_time_secs=end), end))
+                self.ended.add(jid)
+            if summaries:
+                self._write(self.root / run_name(job), summaries, keep=jid)
+
+    def _write(self, folder: Path, summaries: list[tuple[int, float, Any]], keep: str | None = None) -> None:
+        writer = self.writers.get(keep) if keep else None
+        if writer is None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                writer = self.pb.EventFileWriter(str(folder))
+            except OSError as e:
+                raise ExportError(f"{folder}: cannot write ({e}); pass a writable -o folder") from None
+        for step, wall_time, summary in summaries:
+            writer.add_event(self.pb.event.Event(wall_time=wall_time, step=step, summary=summary))
+        if keep:
+            self.writers[keep] = writer
+            writer.flush()
+        else:
+            writer.close()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        self.writers.clear()
+
+    def __enter__(self) -> TensorBoardExport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def run_name(job: dict) -> str:
@@ -156,17 +207,23 @@ def run_name(job: dict) -> str:
     return re.sub(r"[^\w.=+-]", "_", "-".join(parts))
 
 
-def _scalars(job: dict, start: float) -> list[tuple[str, int, float, float]]:
-    """(tag, step, value, wall time) of a job's per-epoch metrics and, at its last epoch, its final metrics. An
-    epoch's wall time is `start` plus the stored epoch_s of the epochs up to it (the time spent training)."""
-    out, wall, last = [], start, 0
+Scalar = tuple[str, int, float, float]  # tag, step, value, wall time
+
+
+def _scalars(job: dict, start: float) -> tuple[list[Scalar], list[Scalar]]:
+    """(tag, step, value, wall time) of a job's per-epoch metrics, and of its final metrics (`final/<name>`, at its
+    last epoch). An epoch's wall time is `start` plus the stored epoch_s of the epochs up to it (time training)."""
+    per_epoch, wall, last = [], start, 0
     for m in job.get("epochs") or []:
         wall += m.get("epoch_s") or 0.0
         last = m["epoch"]
-        out += [(k, last, float(v), wall) for k, v in m.items() if k != "epoch" and _is_number(v)]
+        per_epoch += [(k, last, float(v), wall) for k, v in m.items() if k != "epoch" and _is_number(v)]
     final = (job.get("result") or {}).get("final") or {}
-    out += [(f"final/{k}", last, float(v), wall) for k, v in final.items() if _is_number(v)]
-    return out
+    return per_epoch, [(f"final/{k}", last, float(v), wall) for k, v in final.items() if _is_number(v)]
+
+
+def _scalar_summary(pb, tag: str, step: int, value: float, wall_time: float) -> tuple[int, float, Any]:
+    return step, wall_time, pb.summary.Summary(value=[pb.summary.Summary.Value(tag=tag, simple_value=value)])
 
 
 def _hparams(job: dict) -> dict:
@@ -226,19 +283,6 @@ def _hparams_summary(pb, kind: str, message, wall_time: float) -> tuple[int, flo
     value = pb.summary.Summary.Value(tag=tag, metadata=pb.metadata.create_summary_metadata(data),
                                      tensor=pb.metadata.NULL_TENSOR)
     return 0, wall_time, pb.summary.Summary(value=[value])
-
-
-def _write_events(pb, folder: Path, summaries: list[tuple[int, float, Any]]) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        writer = pb.EventFileWriter(str(folder))
-    except OSError as e:
-        raise ExportError(f"{folder}: cannot write ({e}); pass a writable -o folder") from None
-    try:
-        for step, wall_time, summary in summaries:
-            writer.add_event(pb.event.Event(wall_time=wall_time, step=step, summary=summary))
-    finally:
-        writer.close()
 
 
 # -- MLflow -----------------------------------------------------------------------------------------------------
@@ -313,8 +357,8 @@ def write_mlflow(export: dict, dest: str | Path) -> str:
             "l2cluster.seed": str(job["seed"]), "l2cluster.group": job.get("group_key") or ""})
         rid = run.info.run_id
         params = [Param(k, v[:6000]) for k, v in config_params(job.get("config") or {}).items()]
-        metrics = [Metric(tag, value, ms(wall), step)
-                   for tag, step, value, wall in _scalars(job, job.get("started_at") or export["submitted_at"])]
+        per_epoch, final = _scalars(job, job.get("started_at") or export["submitted_at"])
+        metrics = [Metric(tag, value, ms(wall), step) for tag, step, value, wall in per_epoch + final]
         for i in range(0, len(params), 100):  # MLflow's log_batch limits: 100 params, 1000 metrics per call
             client.log_batch(rid, params=params[i:i + 100])
         for i in range(0, len(metrics), 1000):
