@@ -419,12 +419,33 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from l2cluster.export import ExportError, export_to
 
+    if args.follow and args.format != "tensorboard":
+        raise UserError("--follow writes TensorBoard runs as epochs arrive; use it with --format tensorboard")
     (export,) = _exports(args, [args.experiment])
     try:
-        print(export_to(export, args.format, args.output))
+        if args.follow:
+            _follow_tensorboard(args, export)
+            print(args.output)
+        else:
+            print(export_to(export, args.format, args.output))
     except ExportError as e:
         raise UserError(str(e)) from None
     return 0
+
+
+def _follow_tensorboard(args, export: dict) -> None:
+    """Write the experiment's TensorBoard runs now, then every --interval seconds what is new (epochs, ended
+    jobs), until every job has ended."""
+    from l2cluster.export import SUMMARY_METRICS, TensorBoardExport
+    from l2cluster.states import JobState
+
+    with TensorBoardExport(args.output, export, metrics=SUMMARY_METRICS) as tb:
+        while True:
+            tb.update(export)
+            if all(JobState(j["state"]).is_terminal for j in export["jobs"]):
+                return
+            time.sleep(args.interval)
+            (export,) = _exports(args, [args.experiment])
 
 
 def cmd_logs(args) -> int:
@@ -628,6 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "per experiment; csv/parquet: one row per job x epoch; jsonl: one JSON object per line")
     p.add_argument("-o", "--output", required=True, metavar="DEST", help="the file (csv, parquet, jsonl), a new or "
                    "empty folder (tensorboard), or a folder or tracking URI such as sqlite:///PATH/mlflow.db (mlflow)")
+    p.add_argument("--follow", action="store_true", help="tensorboard: keep writing each job's new epochs as they "
+                   "are stored, until every job has ended (point `tensorboard --logdir` at DEST meanwhile)")
+    p.add_argument("--interval", type=float, default=5.0, metavar="S", help="--follow: look for new epochs every S "
+                   "seconds (default 5)")
     p.add_argument("--store", help="read this store file directly instead of asking the daemon")
     p.add_argument("--address")
     p.set_defaults(fn=cmd_export)

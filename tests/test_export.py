@@ -312,6 +312,80 @@ def test_export_through_the_daemon_equals_export_from_the_store_file(tmp_path, t
         ("l2", 1, "succeeded"), ("l2", 2, "succeeded"), ("grad_clip", 1, "succeeded"), ("grad_clip", 2, "succeeded")]
 
 
+def test_follow_writes_tensorboard_runs_while_the_jobs_train(tmp_path, tiny_mnist_dir):
+    """`export --follow` on a store that a trainer is filling: each epoch shows in TensorBoard before its job ends,
+    the follower stops when every job has, and the runs hold each epoch once, as the store does."""
+    import threading
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    from tests.support import wait_for
+
+    reg = registry()
+    spec = parse_spec({**SPEC, "sweep": {**SPEC["sweep"], "seeds": [0]}}, reg)
+    jobs = expand(spec, reg)
+    exp = experiment_id(spec, jobs)
+    store = Store(tmp_path / "store.db")
+    store.add_experiment(exp, spec.name, spec.model_dump(mode="json"), jobs)
+    root = tmp_path / "tb"
+    codes = []
+    follower = threading.Thread(target=lambda: codes.append(main([
+        "export", exp, "--format", "tensorboard", "-o", str(root), "--follow", "--interval", "0.1",
+        "--store", str(tmp_path / "store.db")])))
+    follower.start()
+    splits = split_mnist(load_mnist(tiny_mnist_dir, download=False), val_size=100, train_size=300)
+    seen_live = []
+
+    def written(run):
+        """The val_acc steps in a run's event files so far, and whether its session has ended."""
+        if not run.is_dir():
+            return [], False
+        acc = EventAccumulator(str(run)).Reload()
+        steps = [e.step for e in acc.Scalars("val_acc")] if "val_acc" in acc.Tags()["scalars"] else []
+        return steps, metadata.SESSION_END_INFO_TAG in acc.Tags()["tensors"]
+
+    def on_epoch(job_id, epoch, m):
+        store.record_epoch(job_id, epoch, m)
+        run = root / run_name(store_jobs[job_id])
+
+        def shown():
+            w = written(run)
+            return w if epoch in w[0] else None
+
+        seen_live.append((job_id, epoch, wait_for(shown, f"epoch {epoch} of {job_id} in TensorBoard", timeout_s=30)))
+
+    try:
+        store_jobs = {j["job"]: j for j in export_experiment(store, exp, epochs=False)["jobs"]}
+        for job in jobs:
+            store.transition(job.id, "placing")
+            store.transition(job.id, "running")
+            r = run_pack([Member(job.id, job.config)], splits, reg, device=torch.device("cpu"),
+                         on_epoch=on_epoch).results[job.id]
+            store.finish(job.id, r["outcome"], r["final"], error=r["error"], epochs=r["epochs"])
+        follower.join(timeout=30)
+        assert not follower.is_alive() and codes == [0]
+        export = export_experiment(store, exp)
+    finally:
+        store.close()
+        follower.join(timeout=30)
+    # each epoch was in TensorBoard before the next one trained (and before its job ended)
+    assert seen_live == [(j.id, e, (list(range(1, e + 1)), False)) for j in jobs for e in (1, 2)]
+    for job in export["jobs"]:
+        acc = EventAccumulator(str(root / run_name(job))).Reload()
+        for key in ("val_acc", "train_loss", "grad_norm"):
+            assert [(e.step, e.value) for e in acc.Scalars(key)] == [
+                (m["epoch"], pytest.approx(m[key], rel=1e-6)) for m in job["epochs"]]
+        assert acc.Scalars("final/test_acc")[0].value == pytest.approx(job["result"]["final"]["test_acc"], rel=1e-6)
+        assert metadata.SESSION_END_INFO_TAG in acc.Tags()["tensors"]
+
+
+def test_follow_is_for_tensorboard_only(stored, tmp_path):
+    code, _, err = _cli(["export", stored["exp"], "--format", "csv", "-o", str(tmp_path / "x.csv"), "--follow",
+                         "--store", stored["store"]])
+    assert code == 2 and "--follow writes TensorBoard runs" in err
+
+
 def test_importing_the_export_module_imports_neither_torch_nor_ray():
     code = ("import sys, l2cluster.export; "
             "print(sorted(m for m in ('torch', 'ray', 'tensorboard', 'mlflow', 'pyarrow') if m in sys.modules))")
