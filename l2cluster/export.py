@@ -326,7 +326,7 @@ def write_mlflow(export: dict, dest: str | Path) -> str:
     every per-epoch metric with step = epoch, the final metrics as `final/<name>`, tags l2cluster.job, .state,
     .label, .seed, .group. Refuses to export an experiment twice into one tracking store. Returns the URI."""
     mlflow = _need("mlflow", "mlflow", lambda: __import__("mlflow"))
-    from mlflow.entities import Metric, Param, RunStatus
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     uri = mlflow_uri(dest)
@@ -366,7 +366,7 @@ def write_mlflow(export: dict, dest: str | Path) -> str:
         if JobState(job["state"]).is_terminal:
             client.set_terminated(rid, _MLFLOW_STATUS[job["state"]], end_time=ms(job.get("finished_at")))
     if all(JobState(job["state"]).is_terminal for job in export["jobs"]):
-        client.set_terminated(pid, RunStatus.to_string(RunStatus.FINISHED), end_time=ms(max(
+        client.set_terminated(pid, "FINISHED", end_time=ms(max(
             (j.get("finished_at") or 0 for j in export["jobs"]), default=0) or None))
     return uri
 
