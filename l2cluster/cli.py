@@ -468,6 +468,38 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from l2cluster.export import ExportError, export_to
+
+    if args.follow and args.format != "tensorboard":
+        raise UserError("--follow writes TensorBoard runs as epochs arrive; use it with --format tensorboard")
+    (export,) = _exports(args, [args.experiment])
+    try:
+        if args.follow:
+            _follow_tensorboard(args, export)
+            print(args.output)
+        else:
+            print(export_to(export, args.format, args.output))
+    except ExportError as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
+def _follow_tensorboard(args, export: dict) -> None:
+    """Write the experiment's TensorBoard runs now, then every --interval seconds what is new (epochs, ended
+    jobs), until every job has ended."""
+    from l2cluster.export import SUMMARY_METRICS, TensorBoardExport
+    from l2cluster.states import JobState
+
+    with TensorBoardExport(args.output, export, metrics=SUMMARY_METRICS) as tb:
+        while True:
+            tb.update(export)
+            if all(JobState(j["state"]).is_terminal for j in export["jobs"]):
+                return
+            time.sleep(args.interval)
+            (export,) = _exports(args, [args.experiment])
+
+
 def cmd_logs(args) -> int:
     from l2cluster.store import job_log
 
@@ -617,6 +649,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
             "l2cluster run jobs/quickstart.yaml --data-dir ../shared/data/mnist"),
     "train": ("Train a spec's jobs one after another in this process, without Ray (the debugging path).",
               "l2cluster train jobs/reference.yaml --limit 1 --device cpu"),
+    "export": ("Export an experiment's per-epoch metrics, one run or row per job: TensorBoard event files (with "
+               "the HParams tab), MLflow runs nested under the experiment's run, or CSV, Parquet or JSON lines.",
+               "l2cluster export quickstart --format tensorboard -o tb/ --store ~/.local/state/l2cluster/store.db\n"
+               "l2cluster export quickstart --format mlflow -o mlruns/ --store store.db"),
 }
 
 
@@ -635,6 +671,7 @@ def _format_option(p, formats=("table", "json", "csv")) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from l2cluster import __version__
+    from l2cluster.export import FORMATS as EXPORT_FORMATS
     from l2cluster.limits import DEFAULT_MAX_JOBS
     from l2cluster.report import FORMATS
 
@@ -727,6 +764,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="read this store file directly instead of asking the daemon")
     p.add_argument("--address")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("export", help="an experiment's per-epoch metrics and final results for TensorBoard, MLflow "
+                       "or as a CSV, Parquet or JSON Lines file")
+    p.add_argument("experiment", metavar="EXP")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="tensorboard: a folder with one run per job (+ HParams); mlflow: one run per job under one "
+                        "per experiment; csv/parquet: one row per job x epoch; jsonl: one JSON object per line")
+    p.add_argument("-o", "--output", required=True, metavar="DEST", help="the file (csv, parquet, jsonl), a new or "
+                   "empty folder (tensorboard), or a folder or tracking URI such as sqlite:///PATH/mlflow.db (mlflow)")
+    p.add_argument("--follow", action="store_true", help="tensorboard: keep writing each job's new epochs as they "
+                   "are stored, until every job has ended (point `tensorboard --logdir` at DEST meanwhile)")
+    p.add_argument("--interval", type=float, default=5.0, metavar="S", help="--follow: look for new epochs every S "
+                   "seconds (default 5)")
+    p.add_argument("--store", help="read this store file directly instead of asking the daemon")
+    p.add_argument("--address")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("logs", help="a job's state changes, epochs and error")
     p.add_argument("job", metavar="JOB", help="a job id or a unique prefix of it (as `status` shows)")
