@@ -203,7 +203,8 @@ def test_tensorboard_runs_scalars_and_hparams_read_back_with_tensorboards_reader
             assert [e.value for e in events] == pytest.approx([m[key] for m in job["epochs"]], rel=1e-6), key
         # the time between two epochs' events is the second epoch's stored training time
         events = acc.Scalars("val_acc")
-        assert events[1].wall_time - events[0].wall_time == pytest.approx(job["epochs"][1]["epoch_s"])
+        # (wall times are seconds since 1970 as doubles: their difference is exact to ~1e-6 s)
+        assert events[1].wall_time - events[0].wall_time == pytest.approx(job["epochs"][1]["epoch_s"], abs=1e-6)
         (test_acc,) = acc.Scalars("final/test_acc")
         assert (test_acc.step, test_acc.value) == (2, pytest.approx(job["result"]["final"]["test_acc"], rel=1e-6))
 
