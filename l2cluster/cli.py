@@ -302,7 +302,8 @@ def _wait_and_report(experiment: str) -> int:
     from l2cluster.progress import Progress, ProgressDisplay
 
     plan = _daemon_call("export", experiment, False, timeout=300)
-    progress = Progress({j["job"]: j["config"]["epochs"] for j in plan["jobs"]})
+    progress = Progress({j["job"]: j["config"]["epochs"] for j in plan["jobs"]},
+                        {j["job"]: _configuration(j) for j in plan["jobs"]})
     display = ProgressDisplay(experiment, sys.stderr)
     interval = 1.0 if display.tty else 2.0
     while True:
@@ -338,13 +339,12 @@ def _final_tables(export: dict, width: int) -> str:
 def _results_table(rows: list[dict], width: int | None = None) -> str:
     """One row per job, named as in the ranked table, accuracies in % like it; with `width`, fitted to that many
     columns (node and epochs left out first, then 8-digit job ids, then errors and names cut)."""
-    from l2cluster.aggregate import settings_text
     from l2cluster.progress import fit_columns
 
     out = []
     for r in rows:
         final = (r.get("result") or {}).get("final") or {}
-        name = " ".join(x for x in (r["label"], settings_text(r["overrides"])) if x and x != "-") or "-"
+        name = _configuration(r)
         error = r.get("error") or (r.get("result") or {}).get("error")
         out.append([r["job"], name, str(r["seed"]), r["state"], _pct(final.get("val_acc")),
                     _pct(final.get("test_acc")), _fmt(final.get("epochs_run")), r["node"] or "-", _error_cell(error)])
@@ -358,6 +358,17 @@ def _results_table(rows: list[dict], width: int | None = None) -> str:
     header, out, _ = fit_columns(header, out, width, cut=(("error", 12), ("configuration", 16)))
     note = textwrap.fill(f"(left out to fit {width} columns: {', '.join(dropped)})", width) if dropped else ""
     return _table(header, out) + ("\n" + note if note else "")
+
+
+def _configuration(job: dict) -> str:
+    """A job's configuration named as the ranked table names its group (aggregate.Group.name)."""
+    from l2cluster.aggregate import settings_text, strength_axis
+
+    settings = settings_text(job["overrides"])
+    if job["label"] and settings != "-":
+        return f"{job['label']} {settings}"
+    return job["label"] or (settings if settings != "-" else
+                            strength_axis(job["label"], job["overrides"], job.get("config") or {}).series)
 
 
 def _pct(v) -> str:

@@ -2,7 +2,7 @@
 
 `Progress` turns successive `status` snapshots into numbers (pure, testable); `ProgressDisplay` draws them: on a
 terminal a bar and one line per running job, redrawn in place; elsewhere (CI logs, pipes) one plain line when the
-counts change or the work done grew by 10 % (never faster than every `min_interval_s`), and every `heartbeat_s`.
+counts change or the work done grew by 10 points (never faster than every `min_interval_s`), and every `heartbeat_s`.
 
 Work is counted in epochs, with the epoch in progress counted by its steps: a running job's `status` entry
 carries `live` = {"epoch" (in progress), "step", "steps", "val_acc", "stage"} from the coordinator's memory (rank 0
@@ -12,6 +12,7 @@ began; finished jobs count the epochs they ran.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -58,10 +59,11 @@ def epochs_done(job: dict, epochs: int) -> float:
 
 
 class Progress:
-    """Epoch bookkeeping over `status` snapshots. `epochs_of` maps job id → the job's configured epochs."""
+    """Epoch bookkeeping over `status` snapshots. `epochs_of` maps job id → the job's configured epochs, `names`
+    (optional) job id → its configuration's name (else the label and settings of its `status` entry)."""
 
-    def __init__(self, epochs_of: dict[str, int]):
-        self.epochs_of = epochs_of
+    def __init__(self, epochs_of: dict[str, int], names: dict[str, str] | None = None):
+        self.epochs_of, self.names = epochs_of, names or {}
         self._start: tuple[float, float] | None = None
 
     def update(self, jobs: list[dict], now: float | None = None) -> Snapshot:
@@ -85,12 +87,15 @@ class Progress:
                 if state == "placing" and live.get("stage"):
                     stages.add(live["stage"])
                 in_epoch = live.get("steps") and live.get("epoch") == ran + 1 and ran < epochs
-                name = " ".join(x for x in (j.get("label"), settings_text(j.get("overrides") or {})) if x and x != "-")
+                name = self.names.get(j["job"]) or " ".join(
+                    x for x in (j.get("label"), settings_text(j.get("overrides") or {})) if x and x != "-")
                 running.append({"job": j["job"], "name": name or "-", "seed": j["seed"], "state": state,
                                 "epoch": ran, "epochs": epochs, "step": live.get("step") if in_epoch else None,
                                 "steps": live.get("steps") if in_epoch else None, "val_acc": live.get("val_acc"),
                                 "stage": live.get("stage")})
-        if self._start is None:
+        if self._start is None or done == self._start[1]:
+            # The throughput is measured from the last snapshot before work moved: start-up (Ray, gangs) is not
+            # training speed.
             self._start = (now, done)
         t0, done0 = self._start
         rate = (done - done0) / (now - t0) if now > t0 else 0.0
@@ -118,8 +123,9 @@ def counts_text(snap: Snapshot) -> str:
 
 def summary_line(experiment: str, snap: Snapshot) -> str:
     eta = "" if snap.finished else f", ETA {format_duration(snap.eta_s)}"
-    # Whole epochs (floor) beside the exact percentage: "epochs 3/20 (17%)" while the fourth is under way.
-    return (f"{experiment}: {counts_text(snap)} | epochs {int(snap.epochs_done + 1e-9)}/{snap.epochs_total} "
+    # "epochs 3.4/20 (17%)": the epochs under way count by their steps.
+    done = math.floor(snap.epochs_done * 10 + 1e-6) / 10  # never "20/20" before the end
+    return (f"{experiment}: {counts_text(snap)} | epochs {done:g}/{snap.epochs_total} "
             f"({100 * snap.fraction:.0f}%){eta}")
 
 

@@ -17,7 +17,16 @@ from test_aggregate import SPEC, _fill
 
 from l2cluster.aggregate import export_experiment
 from l2cluster.cli import _final_tables, _results_table, main
-from l2cluster.progress import Progress, ProgressDisplay, bar, epochs_done, fit_columns, format_duration, running_text
+from l2cluster.progress import (
+    Progress,
+    ProgressDisplay,
+    bar,
+    epochs_done,
+    fit_columns,
+    format_duration,
+    running_text,
+    summary_line,
+)
 from l2cluster.spec import expand, parse_spec
 from l2cluster.store import Store
 
@@ -77,6 +86,17 @@ def test_steps_inside_an_epoch_count_and_give_an_eta_before_the_first_epoch_ends
     assert running_text(with_val) == "aaaaaaaa l2 strength=1e-4 seed 0: epoch 4/10 step 7/100, val acc 95.40 %"
     assert running_text(dict(a, steps=None, step=None, epoch=3, val_acc=0.9)).endswith("epoch 3/10, val acc 90.00 %")
     assert running_text(dict(a, state="placing", stage="loading MNIST")).endswith("seed 0: loading MNIST")
+    assert summary_line("exp-1", later) == "exp-1: 0/2 done · 1 running · 1 queued | epochs 0.6/20 (3%), ETA 6m28s"
+
+
+def test_the_eta_leaves_out_the_start_up_and_running_jobs_carry_their_configuration_name():
+    progress = Progress({"a" * 16: 2}, {"a" * 16: "slow_steps"})
+    progress.update([job("a", "queued", 0)], now=0.0)
+    progress.update([job("a", "placing", 0, live={"stage": "forming a gang"})], now=30.0)  # gangs forming: 30 s
+    moving = progress.update([job("a", "running", 0, live={"epoch": 1, "step": 10, "steps": 100})], now=32.0)
+    # 0.1 epoch in the 2 s since work started moving (not in 32 s): 1.9 epochs to go → 38 s.
+    assert moving.eta_s == pytest.approx(1.9 / 0.05)
+    assert running_text(moving.running[0]) == "aaaaaaaa slow_steps seed 0: epoch 1/2 step 10/100"
 
 
 def test_plain_lines_when_counts_change_progress_grows_or_periodically():
@@ -104,7 +124,7 @@ def test_plain_lines_when_counts_change_progress_grows_or_periodically():
     assert "1/2 done · 1 running · 0 queued · 1 succeeded | epochs 11/20 (55%), ETA 5s" in lines[1]
     assert lines[2].endswith("bbbbbbbb l2 strength=1e-4 seed 0: epoch 3/10")
     # The heartbeat: 13 1/3 of 20 epochs, in epoch 4 at step 3 of 9.
-    assert "epochs 13/20 (67%)" in lines[3] and lines[3].endswith("seed 0: epoch 4/10 step 3/9")
+    assert "epochs 13.3/20 (67%)" in lines[3] and lines[3].endswith("seed 0: epoch 4/10 step 3/9")
     assert "2/2 done · 0 running · 0 queued · 2 succeeded | epochs 20/20 (100%)" in lines[4]
     assert "ETA" not in lines[4]
 
