@@ -240,15 +240,17 @@ from l2cluster.plugin import Regularizer
 
 
 class SlowSteps(Regularizer):
-    """Sleeps 10 ms after every step: a run slow enough to watch."""
+    """Sleeps 10 ms after every step: a run slow enough to watch (or fails at once with fail: 1)."""
 
     name = "slow_steps"
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        strength: float = 0.0
+        fail: float = 0.0  # 1: raise instead
 
-    def after_step(self, params):
+    def after_step(self, params, hp):
+        if float(hp.fail.max()) > 0:
+            raise RuntimeError("told to fail")
         time.sleep(0.01)
 '''
 
@@ -318,3 +320,11 @@ def test_watch_reattaches_to_a_running_experiment(tmp_path, tiny_mnist_dir, caps
         assert len([line for line in capsys.readouterr().out.splitlines() if re.match(r"^[0-9a-f]{16} ", line)]) == 2
         assert main(["watch", "nope"]) == 2
         assert "no experiment 'nope'" in capsys.readouterr().err
+        # A job that fails: watch exits 1, as `submit --wait` does, and the table says why.
+        failing = tmp_path / "failing.yaml"
+        spec = {"name": "failing", **SLOW, "regularizers": [{"name": "slow_steps", "fail": 1}], "sweep": {}}
+        failing.write_text(yaml.safe_dump(spec))
+        assert main(["submit", str(failing)]) == 0
+        assert main(["watch", capsys.readouterr().out.strip()]) == 1
+        out = capsys.readouterr().out
+        assert re.search(r"^[0-9a-f]{16}  slow_steps +0 +failed +- +- .*slow_steps", out, re.M), out
