@@ -49,7 +49,7 @@ class RunningPack:
     attempts: dict[str, int]
     cancel_all: bool = False
     cancelled: set[str] = field(default_factory=set)
-    stage: str = "placing"  # what placing waits for, shown by `status`: "loading MNIST", "forming a gang"
+    stage: str = "placing"  # shown by `status`: what placing waits for ("loading MNIST", "forming a gang"), "training"
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -384,6 +384,7 @@ class Coordinator:
             self.store.transition(job_id, JobState.RUNNING, node=gang.node,
                                   detail=f"in pack {running.id[:8]} with {size - 1} other job(s)" if size > 1 else None)
         gang.job_id = running.id
+        running.stage = "training"
         if running.cancel_all:
             for w in gang.workers:
                 w.cancel.remote()
