@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import yaml
-from support import local_daemon, registry, wait_for
+from support import config, local_daemon, registry, wait_for
 from test_aggregate import SPEC, _fill
 
 from l2cluster.aggregate import export_experiment
@@ -169,6 +169,27 @@ def test_what_placing_waits_for_is_said_once_above_the_block():
 
 def test_format_duration():
     assert [format_duration(s) for s in (None, 4.4, 65, 3725)] == ["?", "4s", "1m05s", "1h02m"]
+
+
+def test_the_runner_reports_every_step_of_every_epoch_on_rank_0_only():
+    import torch
+
+    from l2cluster.runner import Member, run_pack
+    from l2cluster.testing import synthetic_splits
+
+    cfg = config(model={"hidden_sizes": [8]}, data={"batch_size": 100}, epochs=2)
+    members = [Member("a" * 16, cfg), Member("b" * 16, cfg)]
+    calls = []
+    run = run_pack(members, synthetic_splits(n_train=320), registry(), device=torch.device("cpu"),
+                   on_progress=lambda *args: calls.append(args))
+    assert sorted(r["outcome"] for r in run.results.values()) == ["succeeded", "succeeded"]
+    # 320 images in batches of 100: 4 steps per epoch (the last one of 20 images).
+    ids = ["a" * 16, "b" * 16]
+    assert calls == [(ids, epoch, step, 4) for epoch in (1, 2) for step in (1, 2, 3, 4)]
+    other_rank = []  # a rank other than 0 (alone here, so no process group is needed) reports nothing
+    run_pack(members[:1], synthetic_splits(n_train=320), registry(), device=torch.device("cpu"),
+             done=(), on_progress=lambda *args: other_rank.append(args), rank=1, world=1)
+    assert other_rank == []
 
 
 # -- final tables --------------------------------------------------------------------------------------------
