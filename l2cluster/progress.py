@@ -24,6 +24,7 @@ from l2cluster.aggregate import TERMINAL_STATES, settings_text
 
 _MAX_RUNNING_SHOWN = 8
 _BAR_WIDTH = 20
+_MIN_ETA_WINDOW_S = 5.0
 # What a placing job waits for (the coordinator's `stage`), said once each as it first happens.
 _STAGE_MESSAGES = {"loading MNIST": "loading MNIST …",
                    "forming a gang": "forming gangs: starting the worker processes (each imports torch) …"}
@@ -98,7 +99,8 @@ class Progress:
             # training speed.
             self._start = (now, done)
         t0, done0 = self._start
-        rate = (done - done0) / (now - t0) if now > t0 else 0.0
+        # Under _MIN_ETA_WINDOW_S of measured work the rate is noise (a first step report would say hours).
+        rate = (done - done0) / (now - t0) if now - t0 >= _MIN_ETA_WINDOW_S else 0.0
         eta = (total - done) / rate if rate > 0 else (0.0 if total == done else None)
         return Snapshot(now, counts, len(jobs), done, total, eta, running, stages)
 
@@ -121,12 +123,18 @@ def counts_text(snap: Snapshot) -> str:
     return " · ".join(parts)
 
 
+def eta_text(snap: Snapshot) -> str:
+    return "" if snap.finished else f", ETA {format_duration(snap.eta_s)}"
+
+
+def epochs_text(snap: Snapshot) -> str:
+    # "epochs 3.4/20": the epochs under way count by their steps; never "20/20" before the end.
+    done = math.floor(snap.epochs_done * 10 + 1e-6) / 10
+    return f"epochs {done:g}/{snap.epochs_total}"
+
+
 def summary_line(experiment: str, snap: Snapshot) -> str:
-    eta = "" if snap.finished else f", ETA {format_duration(snap.eta_s)}"
-    # "epochs 3.4/20 (17%)": the epochs under way count by their steps.
-    done = math.floor(snap.epochs_done * 10 + 1e-6) / 10  # never "20/20" before the end
-    return (f"{experiment}: {counts_text(snap)} | epochs {done:g}/{snap.epochs_total} "
-            f"({100 * snap.fraction:.0f}%){eta}")
+    return f"{experiment}: {counts_text(snap)} | {epochs_text(snap)} ({100 * snap.fraction:.0f}%){eta_text(snap)}"
 
 
 def bar(fraction: float, width: int = _BAR_WIDTH) -> str:
@@ -194,7 +202,8 @@ class ProgressDisplay:
 
     def _redraw(self, snap: Snapshot) -> None:
         width = max(20, shutil.get_terminal_size((100, 20)).columns - 1)
-        lines = [f"{bar(snap.fraction)} {summary_line(self.experiment, snap)}"]
+        lines = [f"{self.experiment} {bar(snap.fraction)} {100 * snap.fraction:.0f}%{eta_text(snap)}",
+                 f"  {counts_text(snap)} | {epochs_text(snap)}"]
         lines += ["  " + running_text(r) for r in snap.running[:_MAX_RUNNING_SHOWN]]
         if len(snap.running) > _MAX_RUNNING_SHOWN:
             lines.append(f"  +{len(snap.running) - _MAX_RUNNING_SHOWN} more running")

@@ -93,9 +93,11 @@ def test_the_eta_leaves_out_the_start_up_and_running_jobs_carry_their_configurat
     progress = Progress({"a" * 16: 2}, {"a" * 16: "slow_steps"})
     progress.update([job("a", "queued", 0)], now=0.0)
     progress.update([job("a", "placing", 0, live={"stage": "forming a gang"})], now=30.0)  # gangs forming: 30 s
-    moving = progress.update([job("a", "running", 0, live={"epoch": 1, "step": 10, "steps": 100})], now=32.0)
-    # 0.1 epoch in the 2 s since work started moving (not in 32 s): 1.9 epochs to go → 38 s.
-    assert moving.eta_s == pytest.approx(1.9 / 0.05)
+    first = progress.update([job("a", "running", 0, live={"epoch": 1, "step": 1, "steps": 100})], now=32.0)
+    assert first.eta_s is None  # 2 s of work measured: too little to say
+    moving = progress.update([job("a", "running", 0, live={"epoch": 1, "step": 10, "steps": 100})], now=40.0)
+    # 0.1 epoch in the 10 s since work started moving (not in 40 s): 1.9 epochs to go → 190 s.
+    assert moving.eta_s == pytest.approx(1.9 / 0.01)
     assert running_text(moving.running[0]) == "aaaaaaaa slow_steps seed 0: epoch 1/2 step 10/100"
 
 
@@ -140,13 +142,14 @@ def test_a_terminal_gets_a_bar_redrawn_in_place(monkeypatch):
     display.show(progress.update([job("a", "running", 1), job("b", "running", 2, seed=1), job("c", "queued", 0)],
                                  now=0))
     first = term.getvalue()
-    assert first.splitlines()[0].startswith("███████░░░░░░░░░░░░░ exp-1: 0/3 done")  # 3 of 9 epochs: 6.7 of 20 cells
-    assert first.splitlines()[1:] == ["  aaaaaaaa l2 strength=1e-4 seed 0: epoch 1/3",
+    assert first.splitlines()[:2] == ["exp-1 ███████░░░░░░░░░░░░░ 33%, ETA ?",  # 3 of 9 epochs: 6.7 of 20 cells
+                                      "  0/3 done · 2 running · 1 queued | epochs 3/9"]
+    assert first.splitlines()[2:] == ["  aaaaaaaa l2 strength=1e-4 seed 0: epoch 1/3",
                                       "  bbbbbbbb l2 strength=1e-4 seed 1: epoch 2/3"]
     display.show(progress.update([job("a", "succeeded", 3), job("b", "running", 3, seed=1),
                                   job("c", "running", 0)], now=1))
     second = term.getvalue()[len(first):]
-    assert second.startswith("\x1b[3F\x1b[J")  # up three lines, clear, redraw
+    assert second.startswith("\x1b[4F\x1b[J")  # up four lines, clear, redraw
     assert "1/3 done · 2 running" in second
     assert [bar(f, 10) for f in (0, 0.04, 0.5, 1, 1.2)] == ["░" * 10, "░" * 10, "█" * 5 + "░" * 5, "█" * 10, "█" * 10]
 
@@ -163,8 +166,8 @@ def test_what_placing_waits_for_is_said_once_above_the_block():
     text = term.getvalue()
     assert text.count("loading MNIST …") == 1 and text.count("forming gangs") == 1
     assert text.index("loading MNIST …") < text.index("forming gangs")
-    # The message clears the block drawn before it (3 lines), and the next block starts below it.
-    assert "\x1b[3F\x1b[Jforming gangs: starting the worker processes (each imports torch) …\n░░" in text
+    # The message clears the block drawn before it (4 lines), and the next block starts below it.
+    assert "\x1b[4F\x1b[Jforming gangs: starting the worker processes (each imports torch) …\nexp-1 ░░" in text
 
 
 def test_format_duration():
