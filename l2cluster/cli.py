@@ -313,22 +313,32 @@ def _wait_and_report(experiment: str) -> int:
             break
         time.sleep(interval)
     export = _daemon_call("export", experiment, timeout=300)
-    print(_final_tables(export, shutil.get_terminal_size().columns))
+    print(_final_tables(export, _output_width()))
     return 1 if any(j["state"] == "failed" for j in export["jobs"]) else 0
 
 
-def _final_tables(export: dict, width: int) -> str:
-    """The per-job table and the ranked configurations, each at most `width` columns: the least needed columns
-    are left out first (said under the table), then long settings and errors are cut."""
+def _output_width() -> int | None:
+    """The width tables on stdout must fit: the terminal's (COLUMNS overrides it); None when stdout is a file or a
+    pipe, which gets every column."""
+    if os.environ.get("COLUMNS") or sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
+
+
+def _final_tables(export: dict, width: int | None) -> str:
+    """The per-job table and the ranked configurations, each at most `width` columns (None: no limit): the least
+    needed columns are left out first (said under the table), then long names and errors are cut."""
     from l2cluster.aggregate import group_jobs
     from l2cluster.progress import fit_columns
     from l2cluster.report import summary_rows, text_table
 
     jobs = _results_table(export["jobs"], width)
     header, rows = summary_rows(group_jobs(export))
-    header, rows, dropped = fit_columns(
-        header, rows, width, drop=("weight norm", "test loss ± 95% CI", "best val acc % (epoch)", "test acc sd",
-                                   "gap pp ± 95% CI"), cut=(("configuration", 16),))
+    dropped = []
+    if width is not None:
+        header, rows, dropped = fit_columns(
+            header, rows, width, drop=("weight norm", "test loss ± 95% CI", "best val acc % (epoch)", "test acc sd",
+                                       "gap pp ± 95% CI"), cut=(("configuration", 16),))
     ranked = text_table(header, rows)
     if dropped:
         ranked += "\n" + textwrap.fill(f"(left out to fit {width} columns: {', '.join(dropped)}; `l2cluster results "

@@ -250,8 +250,9 @@ def test_final_tables_fit_80_and_200_columns_with_accuracies_in_percent_everywhe
                     "± 95% CI; `l2cluster results agg-1` shows them)")
     assert ranked_narrow.splitlines()[0].split()[:7] == ["rank", "configuration", "n", "val", "acc", "%", "test"]
     assert "97.20" in ranked_narrow.splitlines()[2]
-    # Without a width (`results --jobs`): every column, the same units.
-    assert "node" in _results_table(filled_export["jobs"]).splitlines()[0]
+    # Without a width (stdout is a file; `results --jobs`): every column, the same units.
+    assert _final_tables(filled_export, None) == wide
+    assert _results_table(filled_export["jobs"]) == jobs_wide
 
 
 # -- on a real local Ray -------------------------------------------------------------------------------------
