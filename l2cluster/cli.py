@@ -11,7 +11,9 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -283,6 +285,15 @@ def cmd_submit(args) -> int:
     return _wait_and_report(sub["experiment"])
 
 
+def cmd_watch(args) -> int:
+    """Re-attach to an experiment on the daemon: its live progress until every job has finished, then the tables;
+    exit code as `submit --wait` (1 if a job failed)."""
+    from l2cluster.daemon import connect
+
+    connect(args.address)
+    return _wait_and_report(args.experiment)  # an unknown experiment: an error naming the recent ones
+
+
 def _say_reused(sub: dict) -> None:
     """Say on stderr which jobs of a submission were not trained by it: results reused from the store, or
     (--rerun) ended jobs queued again."""
@@ -296,13 +307,13 @@ def _say_reused(sub: dict) -> None:
 
 def _wait_and_report(experiment: str) -> int:
     """Show live progress on stderr until every job of the experiment is finished; then print the per-job results
-    and the configurations ranked by validation accuracy."""
-    from l2cluster.aggregate import group_jobs
+    and the configurations ranked by validation accuracy, fitted to the terminal's width. 1 if a job failed."""
     from l2cluster.progress import Progress, ProgressDisplay
-    from l2cluster.report import render
 
     plan = _daemon_call("export", experiment, False, timeout=300)
-    progress = Progress({j["job"]: j["config"]["epochs"] for j in plan["jobs"]})
+    experiment = plan["experiment"]  # the full id (a unique prefix was given)
+    progress = Progress({j["job"]: j["config"]["epochs"] for j in plan["jobs"]},
+                        {j["job"]: _configuration(j) for j in plan["jobs"]})
     display = ProgressDisplay(experiment, sys.stderr)
     interval = 1.0 if display.tty else 2.0
     while True:
@@ -312,22 +323,77 @@ def _wait_and_report(experiment: str) -> int:
             break
         time.sleep(interval)
     export = _daemon_call("export", experiment, timeout=300)
-    print(_results_table(export["jobs"]))
-    print()
-    print(render([group_jobs(export)], "table", [experiment]))
+    print(_final_tables(export, _output_width()))
     return 1 if any(j["state"] == "failed" for j in export["jobs"]) else 0
 
 
-def _results_table(rows: list[dict]) -> str:
+def _output_width() -> int | None:
+    """The width tables on stdout must fit: the terminal's (COLUMNS overrides it); None when stdout is a file or a
+    pipe, which gets every column."""
+    if os.environ.get("COLUMNS") or sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
+
+
+def _final_tables(export: dict, width: int | None) -> str:
+    """The per-job table and the ranked configurations, each at most `width` columns (None: no limit): the least
+    needed columns are left out first (said under the table), then long names and errors are cut."""
+    from l2cluster.aggregate import group_jobs
+    from l2cluster.progress import fit_columns
+    from l2cluster.report import summary_rows, text_table
+
+    jobs = _results_table(export["jobs"], width)
+    header, rows = summary_rows(group_jobs(export))
+    dropped = []
+    if width is not None:
+        header, rows, dropped = fit_columns(
+            header, rows, width, drop=("weight norm", "test loss ± 95% CI", "best val acc % (epoch)", "test acc sd",
+                                       "gap pp ± 95% CI"), cut=(("configuration", 16),))
+    ranked = text_table(header, rows)
+    if dropped:
+        ranked += "\n" + textwrap.fill(f"(left out to fit {width} columns: {', '.join(dropped)}; `l2cluster results "
+                                       f"{export['experiment']}` shows them)", width)
+    return jobs + "\n\n" + ranked
+
+
+def _results_table(rows: list[dict], width: int | None = None) -> str:
+    """One row per job, named as in the ranked table, accuracies in % like it; with `width`, fitted to that many
+    columns (node and epochs left out first, then 8-digit job ids, then errors and names cut)."""
+    from l2cluster.progress import fit_columns
+
     out = []
     for r in rows:
         final = (r.get("result") or {}).get("final") or {}
-        settings = " ".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) or "-"
+        name = _configuration(r)
         error = r.get("error") or (r.get("result") or {}).get("error")
-        out.append((r["job"], r["label"] or "-", settings, r["seed"], r["state"], _fmt(final.get("val_acc")),
-                    _fmt(final.get("test_acc")), _fmt(final.get("epochs_run")), r["node"] or "-", _error_cell(error)))
-    return _table(("job", "variant", "settings", "seed", "outcome", "val_acc", "test_acc", "epochs", "node", "error"),
-                  out)
+        out.append([r["job"], name, str(r["seed"]), r["state"], _pct(final.get("val_acc")),
+                    _pct(final.get("test_acc")), _fmt(final.get("epochs_run")), r["node"] or "-", _error_cell(error)])
+    header = ["job", "configuration", "seed", "outcome", "val acc %", "test acc %", "epochs", "node", "error"]
+    if width is None:
+        return _table(header, out)
+    header, out, dropped = fit_columns(header, out, width, drop=("node", "epochs"))
+    if len(_table(header, out).splitlines()[1]) > width:  # job ids as the progress display shows them: 8 digits
+        for r in out:
+            r[0] = r[0][:8]
+    header, out, _ = fit_columns(header, out, width, cut=(("error", 12), ("configuration", 16)))
+    note = textwrap.fill(f"(left out to fit {width} columns: {', '.join(dropped)})", width) if dropped else ""
+    return _table(header, out) + ("\n" + note if note else "")
+
+
+def _configuration(job: dict) -> str:
+    """A job's configuration named as the ranked table names its group (aggregate.Group.name)."""
+    from l2cluster.aggregate import settings_text, strength_axis
+
+    settings = settings_text(job["overrides"])
+    if job["label"] and settings != "-":
+        return f"{job['label']} {settings}"
+    return job["label"] or (settings if settings != "-" else
+                            strength_axis(job["label"], job["overrides"], job.get("config") or {}).series)
+
+
+def _pct(v) -> str:
+    """An accuracy in percent with 2 decimals, the unit of every table (`results` too)."""
+    return "-" if v is None else f"{100 * v:.2f}"
 
 
 def _error_cell(error: str | None, width: int = 60) -> str:
@@ -542,8 +608,11 @@ def cmd_run(args) -> int:
                         "or pass --store")
     _check_store(store)
     t0 = time.perf_counter()
+    # Say what is happening from the first second: Ray and the coordinator take a few seconds each to start.
+    print(f"starting a local Ray on 127.0.0.1 ({args.num_cpus or os.cpu_count()} CPUs) …", file=sys.stderr, flush=True)
     daemon.start_local_ray(args.num_cpus)
     try:
+        print("starting the coordinator …", file=sys.stderr, flush=True)
         handle = _start_coordinator(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
                                     idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
                                     checkpoint_dir=args.checkpoint_dir, max_jobs=args.max_jobs,
@@ -649,6 +718,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
             "l2cluster run jobs/quickstart.yaml --data-dir ../shared/data/mnist"),
     "train": ("Train a spec's jobs one after another in this process, without Ray (the debugging path).",
               "l2cluster train jobs/reference.yaml --limit 1 --device cpu"),
+    "watch": ("Re-attach to an experiment on the daemon: live progress until every job has ended, then the "
+              "per-job and ranked tables (exit code 1 if a job failed).", "l2cluster watch compare-regularizers"),
     "export": ("Export an experiment's per-epoch metrics, one run or row per job: TensorBoard event files (with "
                "the HParams tab), MLflow runs nested under the experiment's run, or CSV, Parquet or JSON lines.",
                "l2cluster export quickstart --format tensorboard -o tb/ --store ~/.local/state/l2cluster/store.db\n"
@@ -729,6 +800,12 @@ def build_parser() -> argparse.ArgumentParser:
     _rerun_option(p)
     p.add_argument("--address")
     p.set_defaults(fn=cmd_submit)
+
+    p = sub.add_parser("watch", help="re-attach to a running experiment: live progress, then the results "
+                       "(exit code 1 if a job failed)")
+    p.add_argument("experiment", metavar="EXP")
+    p.add_argument("--address")
+    p.set_defaults(fn=cmd_watch)
 
     p = sub.add_parser("status", help="experiments, or one experiment's jobs")
     p.add_argument("experiment", nargs="?", metavar="EXP", help="an experiment id or a unique prefix of it")

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shlex
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class RunningPack:
     attempts: dict[str, int]
     cancel_all: bool = False
     cancelled: set[str] = field(default_factory=set)
+    stage: str = "placing"  # shown by `status`: what placing waits for ("loading MNIST", "forming a gang"), "training"
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -74,6 +76,10 @@ class Coordinator:
         self.pending_cpus = 0.0
         self.pending_gpus = 0.0
         self.mnist_ref = None
+        self._mnist_lock = threading.Lock()  # MNIST loads in a thread (the event loop keeps answering `status`)
+        # The latest in-epoch progress and validation accuracy of each running job (memory only, never the store):
+        # job id → {"epoch" (in progress), "step", "steps", "val_acc"}.
+        self.live: dict[str, dict] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         # Jobs a previous coordinator left in flight go back to the queue: their gangs were its actors and died
@@ -124,7 +130,12 @@ class Coordinator:
         self._ensure_loop()
         if experiment_id is None:
             return experiment_rows(self.store)
-        return [job_dict(r) for r in self.store.jobs(self.store.resolve_experiment(experiment_id))]
+        jobs = [job_dict(r) for r in self.store.jobs(self.store.resolve_experiment(experiment_id))]
+        for job in jobs:  # running and placing jobs: how far they are, from memory (`live`)
+            running = self.running.get(job["job"])
+            if running is not None:
+                job["live"] = {"stage": running.stage, **self.live.get(job["job"], {})}
+        return jobs
 
     async def results(self, experiment_id: str) -> list[dict]:
         rows = self.store.jobs(self.store.resolve_experiment(experiment_id))
@@ -192,6 +203,14 @@ class Coordinator:
     async def report_epoch(self, job_id: str, epoch: int, metrics: dict) -> None:
         if self.store.job(job_id) is not None:
             self.store.record_epoch(job_id, epoch, metrics)
+        if job_id in self.running:
+            self.live.setdefault(job_id, {})["val_acc"] = metrics.get("val_acc")
+
+    async def report_progress(self, job_ids: list[str], epoch: int, step: int, num_steps: int) -> None:
+        """Rank 0 of a pack is at `step` of `num_steps` in `epoch` (throttled there): kept in memory for `status`."""
+        for job_id in job_ids:
+            if job_id in self.running:
+                self.live.setdefault(job_id, {}).update(epoch=epoch, step=step, steps=num_steps)
 
     async def report_result(self, job_id: str, attempt: int, result: dict) -> None:
         """A pack member ended while its pack trains on (diverged, failed by a plugin, cancelled): record it now."""
@@ -331,7 +350,10 @@ class Coordinator:
                 self.pending_cpus += shape.cpus_per_worker * shape.num_workers
                 self.pending_gpus += shape.gpus_per_worker * shape.num_workers
                 try:
-                    await gang.form(self._mnist(), self.form_timeout_s)
+                    running.stage = "loading MNIST"
+                    mnist = await asyncio.to_thread(self._mnist)
+                    running.stage = "forming a gang"
+                    await gang.form(mnist, self.form_timeout_s)
                 finally:
                     self.pending_cpus -= shape.cpus_per_worker * shape.num_workers
                     self.pending_gpus -= shape.gpus_per_worker * shape.num_workers
@@ -358,6 +380,7 @@ class Coordinator:
             self.store.transition(job_id, JobState.RUNNING, node=gang.node,
                                   detail=f"in pack {running.id[:8]} with {size - 1} other job(s)" if size > 1 else None)
         gang.job_id = running.id
+        running.stage = "training"
         if running.cancel_all:
             for w in gang.workers:
                 w.cancel.remote()
@@ -418,6 +441,7 @@ class Coordinator:
         for job_id in running.active:
             if self.running.get(job_id) is running:
                 self.running.pop(job_id)
+                self.live.pop(job_id, None)
         ended = [j for j in running.members if self._terminal(j)]
         for job_id in ended:  # a member that trained alone after its pack split kept its own checkpoints
             remove_job(self.checkpoint_dir, job_id)
@@ -439,6 +463,10 @@ class Coordinator:
             remove_job(self.checkpoint_dir, job_id)
 
     def _mnist(self):
+        with self._mnist_lock:
+            return self._load_mnist()
+
+    def _load_mnist(self):
         if self.mnist_ref is None:
             from l2cluster.data import load_mnist
 

@@ -28,6 +28,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from l2cluster.data import Mnist, split_mnist
 from l2cluster.log import configure_logging, get_logger
 
+# Rank 0 tells the coordinator how far into the epoch its pack is at most this often (one small actor message).
+PROGRESS_EVERY_S = 2.0
+
 
 @dataclass(frozen=True)
 class GangShape:
@@ -139,9 +142,18 @@ class RankWorker:
             def cancelled():
                 return True if self.cancel_all.is_set() else self.cancelled_jobs
 
+            last_progress = [0.0]
+
+            def on_progress(job_ids, epoch, step, num_steps):
+                # Live progress inside an epoch: at most one message every PROGRESS_EVERY_S, never waited on.
+                now = time.monotonic()
+                if now - last_progress[0] >= PROGRESS_EVERY_S:
+                    last_progress[0] = now
+                    coordinator.report_progress.remote(job_ids, epoch, step, num_steps)
+
             run = run_pack(pack, self.splits[key], self.registry, device=device, checkpoint_dir=checkpoint_dir,
                            rank=self.rank, world=self.world, done=set(done), on_epoch=on_epoch, on_result=on_result,
-                           cancelled=cancelled, log=log)
+                           cancelled=cancelled, on_progress=on_progress, log=log)
             out = {"results": run.results, "resumed_from_epoch": run.resumed_from_epoch, "split": run.split}
         except Exception as e:  # a crashing job must not take the gang or the daemon down
             log.error("job_crashed", error=f"{type(e).__name__}: {e}")

@@ -68,6 +68,7 @@ def run_pack(
     on_epoch: Callable[[str, int, dict], None] | None = None,
     on_result: Callable[[str, dict], None] | None = None,
     cancelled: Callable[[], bool | Collection[str]] | None = None,
+    on_progress: Callable[[list[str], int, int, int], None] | None = None,
     log=None,
 ) -> PackRun:
     """Train `members` as one pack on this rank; returns every member's result.
@@ -75,11 +76,13 @@ def run_pack(
     `done`: members whose outcome is already recorded (a resumed pack carries them along, their results
     unused). `on_epoch(job_id, epoch, metrics)` and `on_result(job_id, result)` are called on rank 0 only.
     `cancelled()` is asked before every step: True stops the pack, a collection of job ids stops those members.
+    `on_progress(job_ids, epoch, step, num_steps)` is called after every step on rank 0 (throttle it there).
     With `checkpoint_dir` every rank saves the pack's state after each epoch but the last under the pack's id,
     and a later run of the same members resumes from the newest epoch every rank has."""
     ids = [m.job_id for m in members]
     run = _train(members, splits, registry, device=device, checkpoint_dir=checkpoint_dir, rank=rank, world=world,
-                 done=done, on_epoch=on_epoch, on_result=on_result, cancelled=cancelled, log=log)
+                 done=done, on_epoch=on_epoch, on_result=on_result, cancelled=cancelled, on_progress=on_progress,
+                 log=log)
     if run.split:
         for m in members:
             if m.job_id in run.results or m.job_id in done:
@@ -87,13 +90,14 @@ def run_pack(
             if log is not None:
                 log.info("pack_split_member", job_id=m.job_id, pack=make_pack_id(ids)[:8])
             solo = _train([m], splits, registry, device=device, checkpoint_dir=checkpoint_dir, rank=rank,
-                          world=world, done=(), on_epoch=on_epoch, on_result=on_result, cancelled=cancelled, log=log)
+                          world=world, done=(), on_epoch=on_epoch, on_result=on_result, cancelled=cancelled,
+                          on_progress=on_progress, log=log)
             run.results.update(solo.results)
     return run
 
 
 def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, done, on_epoch, on_result, cancelled,
-           log) -> PackRun:
+           on_progress, log) -> PackRun:
     ids = [m.job_id for m in members]
     configs = [m.config for m in members]
     pid = make_pack_id(ids)
@@ -157,7 +161,14 @@ def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, do
             return True
         return [k for k in stop if trainer.alive[k]]
 
-    results = trainer.fit(on_epoch=epoch_done, should_stop=should_stop)
+    step_done = None
+    if rank == 0 and on_progress is not None:
+        training = [j for j in ids if j not in done]
+
+        def step_done(epoch: int, step: int, num_steps: int) -> None:
+            on_progress(training, epoch, step, num_steps)
+
+    results = trainer.fit(on_epoch=epoch_done, should_stop=should_stop, on_step=step_done)
     if trainer.hook_error is not None and len(members) > 1:
         # Which member's settings made the hook raise is unknown: every member not yet ended trains alone.
         run.split = True

@@ -354,19 +354,21 @@ class Trainer:
         self,
         on_epoch: Callable[[int, list[dict]], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int, int, int], None] | None = None,
     ) -> list[RunResult]:
         """Train every model for the remaining epochs; returns one RunResult per model.
 
         `on_epoch(epoch, metrics)` runs after every epoch (a checkpoint taken there with state_dict() resumes
         exactly). `should_stop()` is asked before every step: True ends the run at once with outcome
         "cancelled"; a collection of model indices ends just those models ("cancelled") while the others go on
-        (under DDP every rank must get the same answer at the same step).
+        (under DDP every rank must get the same answer at the same step). `on_step(epoch, step, num_steps)` runs
+        after every step (live progress; it must be cheap and must not read the device).
         A plugin hook that raises fails every model of the stack (outcome "failed", the plugin's message; the
         error is kept in `hook_error`); a non-finite loss ends that model with outcome "diverged" and the epoch
         it happened."""
         results = self.results
         try:
-            cancelled = self._fit(results, on_epoch, should_stop)
+            cancelled = self._fit(results, on_epoch, should_stop, on_step)
         except HookError as e:
             self.hook_error = e
             for r in results:
@@ -378,7 +380,7 @@ class Trainer:
                 r.outcome = "cancelled" if cancelled else "succeeded"
         return results
 
-    def _fit(self, results: list[RunResult], on_epoch, should_stop) -> bool:
+    def _fit(self, results: list[RunResult], on_epoch, should_stop, on_step=None) -> bool:
         cfg, K, dev = self.cfg, self.K, self.device
         n, batch = len(self.train_y), cfg.data.batch_size
         num_steps = math.ceil(n / batch)
@@ -410,6 +412,8 @@ class Trainer:
                     self._graph_step(global_idx, epoch)
                 else:
                     self._step(global_idx, epoch, lr_k, sums, counters)
+                if on_step is not None:
+                    on_step(epoch, s + 1, num_steps)
                 check = self.world == 1 and s % _NONFINITE_CHECK_EVERY == _NONFINITE_CHECK_EVERY - 1
                 if check and not bool(torch.isfinite(sums[2].cpu())[alive].any()):
                     break  # every live model has diverged: no point finishing the epoch
