@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -25,13 +24,9 @@ class UserError(Exception):
 
 
 def _registry(args):
-    from l2cluster.registry import load_registry
+    from l2cluster.api import load_plugins
 
-    dirs = list(args.plugin_dir or [])
-    env = os.environ.get("L2CLUSTER_PLUGIN_DIRS")
-    if env:
-        dirs += [d for d in env.split(os.pathsep) if d]
-    return load_registry(dirs)
+    return load_plugins(args.plugin_dir)
 
 
 def _load(args, registry):
@@ -169,39 +164,25 @@ def cmd_train(args) -> int:
 
 
 # -- the daemon ---------------------------------------------------------------------------------------------
-def _daemon_call(fn, *args, timeout: float | None = 60, restart_wait_s: float = 120.0, **kwargs):
-    import ray
+def _daemon_call(fn, *args, **kwargs):
+    """l2cluster.api.call_coordinator, with an unknown experiment or job as a UserError."""
+    from l2cluster.api import call_coordinator
 
-    from l2cluster.daemon import coordinator
-    from l2cluster.plugin import PluginError
-
-    deadline = time.monotonic() + restart_wait_s
-    while True:
-        try:
-            return ray.get(getattr(coordinator(), fn).remote(*args, **kwargs), timeout=timeout)
-        except ray.exceptions.ActorUnavailableError:
-            # Ray is restarting the coordinator (its process died). Every coordinator call is safe to repeat
-            # (submit is idempotent, the others read or cancel), so ask the new one instead of giving up.
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
-        except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
-            if isinstance(cause, KeyError):
-                raise UserError(cause.args[0]) from None
-            if isinstance(e.cause, PluginError):  # its message alone; the Ray wrapper's text has the traceback
-                raise UserError(str(e.cause)) from None
-            raise cause from None
+    try:
+        return call_coordinator(fn, *args, **kwargs)
+    except KeyError as e:
+        raise UserError(e.args[0]) from None
 
 
 def cmd_daemon(args) -> int:
     from l2cluster import daemon
+    from l2cluster.api import check_store, start_coordinator
 
     if args.action == "start":
         address = args.address or os.environ.get("RAY_ADDRESS")
         if address:
             daemon.connect(address)
-            _start_coordinator(args.store or daemon.default_store(), plugin_dirs=args.plugin_dir or [],
+            start_coordinator(args.store or daemon.default_store(), plugin_dirs=args.plugin_dir or [],
                                data_dir=args.data_dir, idle_release_s=args.idle_release_s,
                                strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir,
                                max_jobs=args.max_jobs, max_pack=args.max_pack)
@@ -209,7 +190,7 @@ def cmd_daemon(args) -> int:
             return 0
         store = Path(args.store or daemon.default_store()).resolve()
         if not ((state := daemon.read_state()) and daemon._alive(state["pid"])):
-            _check_store(store)  # here, before a daemon process fails on it out of sight
+            check_store(store)  # here, before a daemon process fails on it out of sight
         state = daemon.spawn_local_daemon(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
                                           idle_release_s=args.idle_release_s, num_cpus=args.num_cpus,
                                           strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir,
@@ -230,29 +211,6 @@ def cmd_daemon(args) -> int:
     info = _daemon_call("ping")
     print(f"coordinator up: store {info['store']}, {info['gangs']} gang(s), {info['running']} job(s) running")
     return 0
-
-
-def _check_store(path: Path) -> None:
-    """Open (or create) the store once, so that a corrupt or locked file is a clear error (StoreError) before any
-    daemon starts on it; the file is left untouched."""
-    from l2cluster.store import Store
-
-    Store(path).close()
-
-
-def _start_coordinator(store, **options):
-    """daemon.start_coordinator, with the reason in one line when the coordinator dies while starting (a corrupt
-    or locked store on the coordinator's node, an unusable plugin directory…)."""
-    from ray.exceptions import RayActorError
-
-    from l2cluster import daemon
-
-    try:
-        return daemon.start_coordinator(store, **options)
-    except RayActorError as e:
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        reason = last.split(": ", 1)[1] if re.match(r"^[\w.]+(Error|Exception): ", last) else last
-        raise UserError(f"the coordinator could not start: {reason}") from None
 
 
 def cmd_submit(args) -> int:
@@ -289,19 +247,12 @@ def _wait_and_report(experiment: str) -> int:
     """Show live progress on stderr until every job of the experiment is finished; then print the per-job results
     and the configurations ranked by validation accuracy."""
     from l2cluster.aggregate import group_jobs
-    from l2cluster.progress import Progress, ProgressDisplay
+    from l2cluster.api import follow
     from l2cluster.report import render
 
     plan = _daemon_call("export", experiment, False, timeout=300)
-    progress = Progress({j["job"]: j["config"]["epochs"] for j in plan["jobs"]})
-    display = ProgressDisplay(experiment, sys.stderr)
-    interval = 1.0 if display.tty else 2.0
-    while True:
-        snap = progress.update(_daemon_call("status", experiment))
-        display.show(snap)
-        if snap.finished:
-            break
-        time.sleep(interval)
+    follow(experiment, lambda: _daemon_call("status", experiment),
+           {j["job"]: j["config"]["epochs"] for j in plan["jobs"]}, sys.stderr)
     export = _daemon_call("export", experiment, timeout=300)
     print(_results_table(export["jobs"]))
     print()
@@ -441,30 +392,21 @@ def cmd_run(args) -> int:
     import ray
 
     from l2cluster import daemon
+    from l2cluster.api import embedded_coordinator
     from l2cluster.spec import read_spec_file
 
     spec = read_spec_file(args.spec)
-    state = daemon.read_state()
     store = Path(args.store or daemon.default_store()).resolve()
-    if state and daemon._alive(state["pid"]) and Path(state["store"]).resolve() == store:
-        raise UserError("a local daemon is running on the same store; use `l2cluster submit --wait` instead, "
-                        "or pass --store")
-    _check_store(store)
     t0 = time.perf_counter()
-    daemon.start_local_ray(args.num_cpus)
-    try:
-        handle = _start_coordinator(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
-                                    idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
-                                    checkpoint_dir=args.checkpoint_dir, max_jobs=args.max_jobs,
-                                    max_pack=args.max_pack, detached=False)
+    with embedded_coordinator(store, num_cpus=args.num_cpus, plugin_dirs=args.plugin_dir or [],
+                              data_dir=args.data_dir, idle_release_s=args.idle_release_s,
+                              strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir,
+                              max_jobs=args.max_jobs, max_pack=args.max_pack):
         sub = _daemon_call("submit", spec, args.priority, args.spec, args.rerun)
         print(f"{sub['experiment']}: {sub['jobs']} job(s) on a local Ray with "
               f"{int(ray.cluster_resources().get('CPU', 0))} CPU(s)", file=sys.stderr)
         _say_reused(sub)
         code = _wait_and_report(sub["experiment"])
-        ray.get(handle.shutdown.remote(), timeout=30)
-    finally:
-        ray.shutdown()
     print(f"done in {time.perf_counter() - t0:.1f} s; store {store}\n"
           f"more: l2cluster results {sub['experiment']} --store {store}  |  "
           f"l2cluster report {sub['experiment']} --store {store} -o DIR", file=sys.stderr)
