@@ -319,12 +319,12 @@ def load_plugins(plugin_dirs: Sequence[str | Path] = ()):
     return load_registry(dirs)
 
 
-def spec_data(spec, registry) -> tuple[dict, str]:
+def spec_data(spec) -> tuple[dict, str]:
     """A spec given as a file path, a dict or a parsed spec model, as the dict the coordinator takes and a name
-    for it in errors; checked here first, so a bad field is a SpecError before anything starts."""
+    for it in errors."""
     from pydantic import BaseModel
 
-    from l2cluster.spec import parse_spec, read_spec_file
+    from l2cluster.spec import read_spec_file
 
     if isinstance(spec, (str, Path)):
         data, source = read_spec_file(spec), str(spec)
@@ -334,7 +334,6 @@ def spec_data(spec, registry) -> tuple[dict, str]:
         data, source = spec.model_dump(mode="json"), f"<spec {getattr(spec, 'name', '?')}>"
     else:
         raise TypeError(f"spec: expected a file path, a dict or a parsed spec, got {type(spec).__name__}")
-    parse_spec(data, registry, source=source)
     return data, source
 
 
@@ -342,12 +341,12 @@ def submit(spec, *, address: str | None = None, priority: int = 0, rerun: bool =
            plugin_dirs: Sequence[str | Path] = ()) -> Experiment:
     """Queue a spec's jobs on the running daemon (`address`, else RAY_ADDRESS, else the local daemon) and return
     the experiment at once; `.wait()` follows it. Jobs whose results the store already has are reused unless
-    `rerun`."""
+    `rerun`. The daemon validates the spec with the plugins it loaded (a SpecError names each bad field)."""
     from l2cluster.daemon import connect
     from l2cluster.registry import versions
 
+    data, source = spec_data(spec)
     registry = load_plugins(plugin_dirs)
-    data, source = spec_data(spec, registry)
     connect(address)
     # The versions of the plugins this client sees: the daemon refuses a job whose plugin it loaded in another
     # version (the ids, and so the stored results reused, depend on them).
@@ -409,9 +408,10 @@ def run(spec, *, store: str | Path | None = None, num_cpus: int | None = None, d
 
     `options` go to the coordinator: idle_release_s, strategy, checkpoint_dir, max_jobs, max_pack."""
     from l2cluster import daemon
+    from l2cluster.spec import parse_spec
 
-    registry = load_plugins(plugin_dirs)
-    data, source = spec_data(spec, registry)
+    data, source = spec_data(spec)
+    parse_spec(data, load_plugins(plugin_dirs), source=source)  # a bad field is a SpecError before Ray starts
     store = Path(store or daemon.default_store()).expanduser().resolve()
     with embedded_coordinator(store, num_cpus=num_cpus, plugin_dirs=[str(d) for d in plugin_dirs],
                               data_dir=str(data_dir) if data_dir else None, **options):

@@ -214,16 +214,10 @@ def cmd_daemon(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from l2cluster.daemon import connect
-    from l2cluster.registry import versions
-    from l2cluster.spec import read_spec_file
+    from l2cluster.api import submit
 
-    spec = read_spec_file(args.spec)
-    # The versions of the plugins this client sees: the daemon refuses a job whose plugin it loaded in another
-    # version (the ids, and so the stored results reused, depend on them).
-    local = versions(_registry(args))
-    connect(args.address)
-    sub = _daemon_call("submit", spec, args.priority, args.spec, args.rerun, local)
+    sub = submit(args.spec, address=args.address, priority=args.priority, rerun=args.rerun,
+                 plugin_dirs=args.plugin_dir or []).submission
     print(sub["experiment"])
     print(f"{sub['jobs']} job(s), {sub['new']} new", file=sys.stderr)
     _say_reused(sub)

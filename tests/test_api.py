@@ -143,6 +143,8 @@ def test_open_store_finds_experiments_by_prefix_and_names_unknown_ones(ran):
     with pytest.raises(KeyError, match=rf"no experiment 'nope' in .*store.db; its latest: {exp_id}"):
         reader.experiment("nope")
     assert reader.experiment(exp_id).wait(progress=False).status() == {"succeeded": 4}  # ended: returns at once
+    with pytest.raises(ValueError, match=r"by=optimizer.nope: no job of api-test-\w+ has this field"):
+        reader.experiment(exp_id).results(by=["optimizer.nope"])
 
 
 @pytest.mark.slow
@@ -155,6 +157,9 @@ def test_submit_to_a_daemon_on_the_same_store_reuses_every_result(ran, tiny_mnis
         assert exp.wait(progress=False).results() == ran["exp"].results()  # read through the coordinator
         with pytest.raises(KeyError, match="no experiment 'nope'"):
             api.Experiment("nope", exp._source).jobs()
+        with pytest.raises(SpecError) as e:  # validated by the daemon, with the plugins it loaded
+            api.submit({**SPEC, "optimizer": {"name": "adam", "lr": 0.01, "foo": 1}})
+        assert "optimizer.foo" in e.value.render()
 
 
 def test_a_bad_spec_dict_names_the_field_before_anything_starts(tmp_path):
@@ -174,8 +179,8 @@ def test_a_parsed_spec_model_and_a_file_give_the_same_spec(tmp_path):
     model = parse_spec(SPEC, registry)
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(SPEC))
-    from_model, _ = api.spec_data(model, registry)
-    from_file, source = api.spec_data(path, registry)
+    from_model, _ = api.spec_data(model)
+    from_file, source = api.spec_data(path)
     assert source == str(path)
     assert parse_spec(from_model, registry) == parse_spec(from_file, registry) == model
 
@@ -189,3 +194,19 @@ def test_open_store_refuses_a_missing_file_and_to_pandas_names_the_extra(tmp_pat
     monkeypatch.setitem(sys.modules, "pandas", None)  # as if pandas were not installed
     with pytest.raises(ImportError, match=r"pip install 'l2cluster\[pandas\]'"):
         records.to_pandas()
+
+
+def test_a_prefix_that_matches_several_experiments_names_them(tmp_path):
+    store = Store(tmp_path / "store.db")
+    for i in (1, 2):
+        store.add_experiment(f"api-test-0000000{i}", "api-test", {}, [], now=float(i))
+    store.close()
+    reader = api.open_store(tmp_path / "store.db")
+    assert [(e["experiment"], e["num_jobs"]) for e in reader.experiments()] == [("api-test-00000001", 0),
+                                                                                ("api-test-00000002", 0)]
+    with pytest.raises(ValueError, match="'api-test' matches 2 experiments in .*: api-test-00000001, "
+                                         "api-test-00000002; give more of the id"):
+        reader.experiment("api-test")
+    exp = reader.experiment("api-test-00000002")
+    assert (exp.id, exp.name, exp.results(), exp.jobs(), exp.epochs()) == ("api-test-00000002", "api-test", [], [], [])
+    assert list(exp.epochs().to_pandas().columns) == ["job", "label", "settings", "seed", "epoch", "metric", "value"]
