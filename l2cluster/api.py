@@ -36,8 +36,8 @@ class Records(list):
 
     def __init__(self, rows: Sequence[dict] = (), columns: Sequence[str] = ()):
         super().__init__(rows)
-        # The columns in order: the first row's keys, then any key a later row adds (or `columns` when empty).
-        self.columns = list(dict.fromkeys([*columns, *(k for r in rows for k in r)]))
+        # The columns in order: the first row's keys, then any key a later row adds; `columns` when there are no rows.
+        self.columns = list(dict.fromkeys(k for r in rows for k in r)) if rows else list(columns)
 
     def to_pandas(self):
         """The rows as a pandas DataFrame, one column per key (needs pandas: pip install 'l2cluster[pandas]')."""

@@ -114,6 +114,7 @@ def test_epochs_are_long_form_with_one_row_per_job_epoch_and_metric(ran):
     assert {(e["job"], e["epoch"], e["metric"]): e["value"] for e in epochs} == expected
     assert len(epochs) == len(expected) and {"val_acc", "train_loss", "lr"} <= {e["metric"] for e in epochs}
     frame = epochs.to_pandas()
+    assert list(frame.columns) == ["job", "label", "settings", STRENGTH, "seed", "epoch", "metric", "value"]
     wide = frame[frame.metric == "val_acc"].pivot_table(index="seed", columns=STRENGTH, values="value")
     assert wide.shape == (2, 2)
     some = next(e for e in epochs if e["metric"] == "val_acc")
