@@ -26,13 +26,9 @@ class UserError(Exception):
 
 
 def _registry(args):
-    from l2cluster.registry import load_registry
+    from l2cluster.api import load_plugins
 
-    dirs = list(args.plugin_dir or [])
-    env = os.environ.get("L2CLUSTER_PLUGIN_DIRS")
-    if env:
-        dirs += [d for d in env.split(os.pathsep) if d]
-    return load_registry(dirs)
+    return load_plugins(args.plugin_dir)
 
 
 def _load(args, registry):
@@ -181,38 +177,25 @@ def cmd_train(args) -> int:
 
 
 # -- the daemon ---------------------------------------------------------------------------------------------
-def _daemon_call(fn, *args, timeout: float | None = 60, restart_wait_s: float = 120.0, **kwargs):
-    import ray
+def _daemon_call(fn, *args, **kwargs):
+    """l2cluster.api.call_coordinator, with an unknown experiment or job as a UserError."""
+    from l2cluster.api import call_coordinator
 
-    from l2cluster.daemon import coordinator
-
-    deadline = time.monotonic() + restart_wait_s
-    while True:
-        try:
-            return ray.get(getattr(coordinator(), fn).remote(*args, **kwargs), timeout=timeout)
-        except ray.exceptions.ActorUnavailableError:
-            # Ray is restarting the coordinator (its process died). Every coordinator call is safe to repeat
-            # (submit is idempotent, the others read or cancel), so ask the new one instead of giving up.
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
-        except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
-            if isinstance(cause, KeyError):
-                raise UserError(cause.args[0]) from None
-            if isinstance(e.cause, _loaded("l2cluster.plugin", "PluginError")):  # its message alone, no traceback
-                raise UserError(str(e.cause)) from None
-            raise cause from None
+    try:
+        return call_coordinator(fn, *args, **kwargs)
+    except KeyError as e:
+        raise UserError(e.args[0]) from None
 
 
 def cmd_daemon(args) -> int:
     from l2cluster import daemon
+    from l2cluster.api import check_store, start_coordinator
 
     if args.action == "start":
         address = args.address or os.environ.get("RAY_ADDRESS")
         if address:
             daemon.connect(address)
-            _start_coordinator(args.store or daemon.default_store(), plugin_dirs=args.plugin_dir or [],
+            start_coordinator(args.store or daemon.default_store(), plugin_dirs=args.plugin_dir or [],
                                data_dir=args.data_dir, idle_release_s=args.idle_release_s,
                                strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir,
                                max_jobs=args.max_jobs, max_pack=args.max_pack)
@@ -220,7 +203,7 @@ def cmd_daemon(args) -> int:
             return 0
         store = Path(args.store or daemon.default_store()).resolve()
         if not ((state := daemon.read_state()) and daemon._alive(state["pid"])):
-            _check_store(store)  # here, before a daemon process fails on it out of sight
+            check_store(store)  # here, before a daemon process fails on it out of sight
         state = daemon.spawn_local_daemon(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
                                           idle_release_s=args.idle_release_s, num_cpus=args.num_cpus,
                                           strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir,
@@ -243,40 +226,11 @@ def cmd_daemon(args) -> int:
     return 0
 
 
-def _check_store(path: Path) -> None:
-    """Open (or create) the store once, so that a corrupt or locked file is a clear error (StoreError) before any
-    daemon starts on it; the file is left untouched."""
-    from l2cluster.store import Store
-
-    Store(path).close()
-
-
-def _start_coordinator(store, **options):
-    """daemon.start_coordinator, with the reason in one line when the coordinator dies while starting (a corrupt
-    or locked store on the coordinator's node, an unusable plugin directory…)."""
-    from ray.exceptions import RayActorError
-
-    from l2cluster import daemon
-
-    try:
-        return daemon.start_coordinator(store, **options)
-    except RayActorError as e:
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        reason = last.split(": ", 1)[1] if re.match(r"^[\w.]+(Error|Exception): ", last) else last
-        raise UserError(f"the coordinator could not start: {reason}") from None
-
-
 def cmd_submit(args) -> int:
-    from l2cluster.daemon import connect
-    from l2cluster.registry import versions
-    from l2cluster.spec import read_spec_file
+    from l2cluster.api import submit
 
-    spec = read_spec_file(args.spec)
-    # The versions of the plugins this client sees: the daemon refuses a job whose plugin it loaded in another
-    # version (the ids, and so the stored results reused, depend on them).
-    local = versions(_registry(args))
-    connect(args.address)
-    sub = _daemon_call("submit", spec, args.priority, args.spec, args.rerun, local)
+    sub = submit(args.spec, address=args.address, priority=args.priority, rerun=args.rerun,
+                 plugin_dirs=args.plugin_dir or []).submission
     print(sub["experiment"])
     print(f"{sub['jobs']} job(s), {sub['new']} new", file=sys.stderr)
     _say_reused(sub)
@@ -308,20 +262,13 @@ def _say_reused(sub: dict) -> None:
 def _wait_and_report(experiment: str) -> int:
     """Show live progress on stderr until every job of the experiment is finished; then print the per-job results
     and the configurations ranked by validation accuracy, fitted to the terminal's width. 1 if a job failed."""
-    from l2cluster.progress import Progress, ProgressDisplay
+    from l2cluster.api import follow
 
     plan = _daemon_call("export", experiment, False, timeout=300)
     experiment = plan["experiment"]  # the full id (a unique prefix was given)
-    progress = Progress({j["job"]: j["config"]["epochs"] for j in plan["jobs"]},
-                        {j["job"]: _configuration(j) for j in plan["jobs"]})
-    display = ProgressDisplay(experiment, sys.stderr)
-    interval = 1.0 if display.tty else 2.0
-    while True:
-        snap = progress.update(_daemon_call("status", experiment))
-        display.show(snap)
-        if snap.finished:
-            break
-        time.sleep(interval)
+    follow(experiment, lambda: _daemon_call("status", experiment),
+           {j["job"]: j["config"]["epochs"] for j in plan["jobs"]}, sys.stderr,
+           names={j["job"]: _configuration(j) for j in plan["jobs"]})
     export = _daemon_call("export", experiment, timeout=300)
     print(_final_tables(export, _output_width()))
     return 1 if any(j["state"] == "failed" for j in export["jobs"]) else 0
@@ -598,33 +545,23 @@ def cmd_run(args) -> int:
     import ray
 
     from l2cluster import daemon
+    from l2cluster.api import embedded_coordinator
     from l2cluster.spec import read_spec_file
 
     spec = read_spec_file(args.spec)
-    state = daemon.read_state()
     store = Path(args.store or daemon.default_store()).resolve()
-    if state and daemon._alive(state["pid"]) and Path(state["store"]).resolve() == store:
-        raise UserError("a local daemon is running on the same store; use `l2cluster submit --wait` instead, "
-                        "or pass --store")
-    _check_store(store)
     t0 = time.perf_counter()
     # Say what is happening from the first second: Ray and the coordinator take a few seconds each to start.
-    print(f"starting a local Ray on 127.0.0.1 ({args.num_cpus or os.cpu_count()} CPUs) …", file=sys.stderr, flush=True)
-    daemon.start_local_ray(args.num_cpus)
-    try:
-        print("starting the coordinator …", file=sys.stderr, flush=True)
-        handle = _start_coordinator(store, plugin_dirs=args.plugin_dir or [], data_dir=args.data_dir,
-                                    idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
-                                    checkpoint_dir=args.checkpoint_dir, max_jobs=args.max_jobs,
-                                    max_pack=args.max_pack, detached=False)
+    with embedded_coordinator(store, num_cpus=args.num_cpus, plugin_dirs=args.plugin_dir or [],
+                              data_dir=args.data_dir, idle_release_s=args.idle_release_s,
+                              strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir,
+                              max_jobs=args.max_jobs, max_pack=args.max_pack,
+                              say=lambda message: print(message, file=sys.stderr, flush=True)):
         sub = _daemon_call("submit", spec, args.priority, args.spec, args.rerun)
         print(f"{sub['experiment']}: {sub['jobs']} job(s) on a local Ray with "
               f"{int(ray.cluster_resources().get('CPU', 0))} CPU(s)", file=sys.stderr)
         _say_reused(sub)
         code = _wait_and_report(sub["experiment"])
-        ray.get(handle.shutdown.remote(), timeout=30)
-    finally:
-        ray.shutdown()
     print(f"done in {time.perf_counter() - t0:.1f} s; store {store}\n"
           f"more: l2cluster results {sub['experiment']} --store {store}  |  "
           f"l2cluster report {sub['experiment']} --store {store} -o DIR", file=sys.stderr)
