@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import textwrap
@@ -361,8 +360,10 @@ def cmd_status(args) -> int:
                  " ".join(f"{k}={v}" for k, v in sorted(e["counts"].items()))) for e in experiments]
         _print_rows(args.format, ("experiment", "priority", "submitted", "jobs"), rows, experiments)
         return 0
-    jobs = _read(args, "status", lambda store: [job_dict(r) for r in store.jobs(store.resolve_experiment(args.experiment))],
-                 args.experiment)
+    def from_store(store):
+        return [job_dict(r) for r in store.jobs(store.resolve_experiment(args.experiment))]
+
+    jobs = _read(args, "status", from_store, args.experiment)
     rows = [(j["job"], j["label"] or "-", j["seed"], j["state"], j["epoch"], j["attempts"], _pack_cell(j),
              j["node"] or "-") for j in jobs]
     _print_rows(args.format, ("job", "variant", "seed", "state", "epoch", "attempts", "pack", "node"), rows, jobs)
@@ -683,8 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     from l2cluster.limits import DEFAULT_MAX_JOBS
     from l2cluster.report import FORMATS
 
-    parser = argparse.ArgumentParser(prog="l2cluster", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    summary, conventions = __doc__.split("\n\n")[:2]
+    parser = argparse.ArgumentParser(prog="l2cluster", description=summary, epilog=conventions,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"l2cluster {__version__}")
     parser.add_argument("--plugin-dir", action="append", metavar="DIR",
                         help="load regularizer plugins from DIR (repeatable; also L2CLUSTER_PLUGIN_DIRS; accepted "
@@ -819,7 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, p in _subcommands(parser):
         description, example = COMMANDS.get(name, ("", ""))
         p.description = description
-        p.epilog = "example" + ("s" if "\n" in example else "") + ":\n  " + example.replace("\n", "\n  ") if example else None
+        if example:
+            p.epilog = ("examples" if "\n" in example else "example") + ":\n  " + example.replace("\n", "\n  ")
         p.formatter_class = argparse.RawDescriptionHelpFormatter
         # Global options are accepted after the subcommand too (`l2cluster run spec.yaml --plugin-dir DIR`).
         p.add_argument("--plugin-dir", action="append", metavar="DIR", dest="plugin_dir_after", default=[],

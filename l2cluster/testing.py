@@ -192,7 +192,7 @@ def _per_example(trainer) -> tuple[bool, str]:
     for part in (slice(0, 16), slice(0, 8), slice(8, 16)):
         hidden: list[torch.Tensor] = []
 
-        def record(h, layer):
+        def record(h, layer, hidden=hidden):
             hidden.append(h)
             return h
 

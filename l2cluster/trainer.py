@@ -189,7 +189,8 @@ class Trainer:
         self._counters = {k: torch.zeros(K, dtype=torch.float64, device=self.device) for k in ("clipped", "skipped")}
         self._graph: torch.cuda.CUDAGraph | None = None
         self._hidden: list[torch.Tensor] | None = None  # hidden activations of the step, when a hook takes them
-        self._wants_hidden = any("hidden" in p.info.hooks["example_penalty"].args for p in self._with["example_penalty"])
+        self._wants_hidden = any("hidden" in p.info.hooks["example_penalty"].args
+                                 for p in self._with["example_penalty"])
         self._probe: _NonFiniteProbe | None = None  # set only while an epoch is replayed to blame a plugin
         self.graph_error: str | None = None
         self.hook_error: HookError | None = None  # set when a hook raised and failed the whole stack

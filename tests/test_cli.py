@@ -129,7 +129,9 @@ def test_the_global_plugin_dir_works_after_the_subcommand_too(tmp_path, capsys):
         "from pydantic import BaseModel, ConfigDict\nfrom l2cluster.plugin import Regularizer\n\n\n"
         "class Shrink(Regularizer):\n    name = 'shrink'\n\n    class Config(BaseModel):\n"
         "        model_config = ConfigDict(extra='forbid')\n\n    def after_step(self, params):\n        pass\n")
-    for argv in (["--plugin-dir", str(tmp_path), "plugins", "list"], ["plugins", "list", "--plugin-dir", str(tmp_path)]):
+    before = ["--plugin-dir", str(tmp_path), "plugins", "list"]
+    after = ["plugins", "list", "--plugin-dir", str(tmp_path)]
+    for argv in (before, after):
         assert main(argv) == 0
         assert "shrink " in capsys.readouterr().out
 

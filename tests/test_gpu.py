@@ -109,7 +109,8 @@ def test_the_contract_v2_builtins_train_under_cuda_graphs_like_eager_steps():
     regs = lambda a, eps: [{"name": "mixup", "alpha": a}, {"name": "label_smoothing", "epsilon": eps},  # noqa: E731
                            {"name": "l1", "strength": 1e-4}, {"name": "max_norm", "max_norm": 2.0},
                            {"name": "ema", "decay": 0.9}]
-    cfgs = [config(seed=s, **{**GRAPHABLE, "regularizers": regs(a, eps)}) for s, a, eps in ((0, 0.2, 0.1), (1, 1.0, 0.3))]
+    cfgs = [config(seed=s, **{**GRAPHABLE, "regularizers": regs(a, eps)})
+            for s, a, eps in ((0, 0.2, 0.1), (1, 1.0, 0.3))]
     graphed = Trainer(cfgs, splits, registry(), device="cuda")
     eager = Trainer(cfgs, splits, registry(), device="cuda", cuda_graphs=False)
     rg, re = graphed.fit(), eager.fit()

@@ -92,7 +92,8 @@ def _plugin(hook: str, fn):
     ("on_batch", lambda self, x, targets: (x, targets.float()), "expected class indices"),
     ("on_batch", lambda self, x: x, "expected (x, targets) or None"),
     ("example_penalty", lambda self, logits: logits.sum(-1).sum(-1), "expected a tensor of shape (1, 16)"),
-    ("eval_params", lambda self, params: {"layers.0.weight": torch.zeros(3)}, "eval_params': returned 'layers.0.weight'"),
+    ("eval_params", lambda self, params: {"layers.0.weight": torch.zeros(3)},
+     "eval_params': returned 'layers.0.weight'"),
     ("after_step", lambda self, state: None, "takes `state` but the plugin has no init_state"),
     ("init_state", lambda self, params: {"x": torch.zeros(3)}, "expected a tensor with the model axis first"),
 ])
@@ -184,4 +185,5 @@ def test_an_init_state_that_raises_fails_its_job_and_the_others_train(tmp_path, 
     rows = {line.split()[1]: line for line in out.splitlines() if line.split()[1:2] in (["ok"], ["bad"])}
     assert " succeeded " in rows["ok"]
     # The error column: the message's first line, cut to 60 characters.
-    assert " failed " in rows["bad"] and rows["bad"].endswith("plugin 'needs_gpu', hook 'init_state': RuntimeError: no GPU…")
+    assert " failed " in rows["bad"]
+    assert rows["bad"].endswith("plugin 'needs_gpu', hook 'init_state': RuntimeError: no GPU…")

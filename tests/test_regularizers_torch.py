@@ -9,16 +9,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from support import config, params_of, registry, synthetic_splits
-from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-from l2cluster.plugin import HyperParams, StackedRNG, TrainContext
 from l2cluster.plugins.ema import EMA
 from l2cluster.plugins.l1 import L1
 from l2cluster.plugins.label_smoothing import LabelSmoothing
 from l2cluster.plugins.max_norm import MaxNorm
 from l2cluster.plugins.mixup import Mixup
+from support import config, params_of, registry, synthetic_splits
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from l2cluster.plugin import HyperParams, StackedRNG, TrainContext
 from l2cluster.testing import check_plugin
 from l2cluster.trainer import Trainer, derive_seed
 
@@ -32,7 +32,7 @@ def reference(trainer: Trainer, epochs: int, loss_fn, after_step=None):
     initial weights, batches and learning rate; `loss_fn(model, logits, y)` is the loss; `after_step(model)` runs
     after every optimizer step."""
     layers = []
-    for i, (name, w) in enumerate((n, p) for n, p in trainer.params.items() if n.endswith("weight")):
+    for name, w in ((n, p) for n, p in trainer.params.items() if n.endswith("weight")):
         linear = nn.Linear(w.shape[1], w.shape[2], dtype=w.dtype)
         with torch.no_grad():
             linear.weight.copy_(w.detach()[0].t())  # our [K, in, out] is nn.Linear's [out, in] transposed
