@@ -74,7 +74,7 @@ def test_reused_jobs_are_announced_and_rerun_trains_them_again(cluster, tmp_path
     job = next(iter(first))
     assert main(["logs", job]) == 0
     digest = hashlib.sha256((cluster["plugin_dir"] / "shrink.py").read_bytes()).hexdigest()[:16]
-    assert capsys.readouterr().out.splitlines()[0] == f"plugins: shrink sha256:{digest}"
+    assert capsys.readouterr().out.splitlines()[1] == f"plugins: shrink sha256:{digest}"  # under the job line
 
 
 def test_the_per_job_table_shows_each_jobs_error(cluster, tmp_path, capsys):
