@@ -355,7 +355,7 @@ def cmd_status(args) -> int:
     from l2cluster.store import experiment_rows, job_dict
 
     if args.experiment is None:
-        experiments = _read(args, "status", experiment_rows)
+        experiments = _read(args, experiment_rows, lambda: _daemon_call("status"))
         rows = [(e["experiment"], e["priority"], time.strftime("%Y-%m-%d %H:%M", time.localtime(e["submitted_at"])),
                  " ".join(f"{k}={v}" for k, v in sorted(e["counts"].items()))) for e in experiments]
         _print_rows(args.format, ("experiment", "priority", "submitted", "jobs"), rows, experiments)
@@ -363,16 +363,16 @@ def cmd_status(args) -> int:
     def from_store(store):
         return [job_dict(r) for r in store.jobs(store.resolve_experiment(args.experiment))]
 
-    jobs = _read(args, "status", from_store, args.experiment)
+    jobs = _read(args, from_store, lambda: _daemon_call("status", args.experiment))
     rows = [(j["job"], j["label"] or "-", j["seed"], j["state"], j["epoch"], j["attempts"], _pack_cell(j),
              j["node"] or "-") for j in jobs]
     _print_rows(args.format, ("job", "variant", "seed", "state", "epoch", "attempts", "pack", "node"), rows, jobs)
     return 0
 
 
-def _read(args, call: str, from_store, *call_args):
-    """What a read-only command shows: from a store file with --store (no daemon, no Ray), else asked of the
-    daemon's coordinator with `call`."""
+def _read(args, from_store, from_daemon):
+    """What a read-only command shows: `from_store(store)` on the store file given with --store (no daemon, no
+    Ray), else `from_daemon()`, asking the daemon's coordinator (works on any cluster)."""
     if getattr(args, "store", None):
         from l2cluster.store import Store
 
@@ -389,7 +389,7 @@ def _read(args, call: str, from_store, *call_args):
         connect(args.address)
     except DaemonError as e:
         raise UserError(f"{e}; or read a store file directly with --store PATH") from None
-    return _daemon_call(call, *call_args)
+    return from_daemon()
 
 
 def _print_rows(fmt: str, header: Sequence[str], rows: Sequence[Sequence], records: list[dict]) -> None:
@@ -422,27 +422,12 @@ def cmd_cancel(args) -> int:
 
 
 def _exports(args, experiments: Sequence[str]) -> list[dict]:
-    """The experiments' jobs with results and epochs: from the coordinator (works on any cluster), or read
-    straight from a store file with --store (no daemon needed, e.g. after `l2cluster run`)."""
+    """The experiments' jobs with results and epochs: from the coordinator, or read straight from a store file with
+    --store (no daemon needed, e.g. after `l2cluster run`)."""
     from l2cluster.aggregate import export_experiment
 
-    if args.store:
-        from l2cluster.store import Store
-
-        store = Store.open_read_only(args.store)
-        try:
-            return [export_experiment(store, e) for e in experiments]
-        except KeyError as e:
-            raise UserError(e.args[0]) from None
-        finally:
-            store.close()
-    from l2cluster.daemon import DaemonError, connect
-
-    try:
-        connect(args.address)
-    except DaemonError as e:
-        raise UserError(f"{e}; or read a store file directly with --store PATH") from None
-    return [_daemon_call("export", e, timeout=300) for e in experiments]
+    return _read(args, lambda store: [export_experiment(store, e) for e in experiments],
+                 lambda: [_daemon_call("export", e, timeout=300) for e in experiments])
 
 
 def cmd_results(args) -> int:
@@ -517,7 +502,7 @@ def _follow_tensorboard(args, export: dict) -> None:
 def cmd_logs(args) -> int:
     from l2cluster.store import job_log
 
-    info = _read(args, "logs", lambda store: job_log(store, args.job), args.job)
+    info = _read(args, lambda store: job_log(store, args.job), lambda: _daemon_call("logs", args.job))
     if args.format == "json":
         print(json.dumps(info, indent=2, default=str))
         return 0
