@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import ipaddress
 import os
 import socket
+import struct
 import threading
 import time
 import traceback
@@ -84,6 +87,16 @@ class RankWorker:
         return ip, self.rendezvous.getsockname()[1]
 
     def setup(self, address: str, port: int, backend: str, mnist: dict) -> dict:
+        # gloo and NCCL listen on the interface the hostname resolves to, unless told otherwise: keep them on
+        # the interface that carries this node's Ray address (loopback on an embedded cluster). A user's own
+        # GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME wins.
+        interface = interface_of(ray.util.get_node_ip_address())
+        if interface is None:
+            raise RuntimeError(f"no network interface of this host holds the node address "
+                               f"{ray.util.get_node_ip_address()}; set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME) "
+                               "in the workers' environment")
+        for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(var, interface)
         listen_fd = {"master_listen_fd": self.rendezvous.fileno()} if self.rank == 0 else {}
         store = dist.TCPStore(address, port, self.world, self.rank == 0, timeout=timedelta(seconds=300),
                               wait_for_workers=False, **listen_fd)
@@ -164,6 +177,34 @@ class RankWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def interface_of(ip: str) -> str | None:
+    """The name of the network interface that holds the address `ip` on this host (Linux), or None."""
+    address = ipaddress.ip_address(ip)
+    if address.is_loopback:
+        return "lo"
+    if address.version == 6:
+        with contextlib.suppress(OSError), open("/proc/net/if_inet6") as f:
+            for line in f:  # address in 32 hex digits, index, prefix length, scope, flags, name
+                fields = line.split()
+                if ipaddress.ip_address(int(fields[0], 16)) == address:
+                    return fields[5]
+        return None
+    return next((name for name, found in ipv4_addresses().items() if found == ip), None)
+
+
+def ipv4_addresses() -> dict[str, str]:
+    """{interface name: its IPv4 address} of this host's interfaces that have one (Linux)."""
+    out = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:  # SIOCGIFADDR: the interface's IPv4 address, bytes 20-24 of the returned ifreq
+                found = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))[20:24]
+            except OSError:  # no IPv4 address on it
+                continue
+            out[name] = socket.inet_ntoa(found)
+    return out
 
 
 PG_PREFIX = "l2cluster-gang-"
