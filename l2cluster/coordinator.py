@@ -33,6 +33,8 @@ from l2cluster.store import Store, experiment_rows, job_dict, job_log
 
 _TICK_S = 0.05
 _CRASH_GRACE_S = 10.0  # how long the other ranks may take to notice a crashed rank before the gang is dropped
+_HEALTH_TIMEOUT_S = 15.0  # how long an idle gang's ranks may take to answer before a job is assigned to it
+_MAX_PLACEMENT_FAILURES = 3  # gangs that failed to form for a job in a row before it fails (no attempt is charged)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Coordinator:
         self.running: dict[str, RunningPack] = {}  # job id → the pack it runs in
         self.gpu_bytes: dict[GangShape, int] = {}  # the smallest GPU of each shape's gangs, once one has formed
         self._scalings: dict[str, dict] = {}
+        self.placement_failures: dict[str, int] = {}  # job id → gangs that failed to form for it in a row
         self.pending_cpus = 0.0
         self.pending_gpus = 0.0
         self.mnist_ref = None
@@ -88,7 +91,11 @@ class Coordinator:
         if orphans:
             self.log.info("orphaned_gangs_released", placement_groups=orphans)
         for row in self.store.jobs(states=[JobState.PLACING, JobState.RUNNING]):
-            self._retry_or_fail(row["id"], "the coordinator restarted")
+            if row["state"] == JobState.PLACING:
+                self.store.transition(row["id"], JobState.QUEUED, detail="the coordinator restarted while it was "
+                                      "being placed; re-queued (no attempt counted: it had not started training)")
+            else:
+                self._retry_or_fail(row["id"], "the coordinator restarted")
         # Ray restarts a killed coordinator with no caller: start scheduling now, not at the first request.
         self._ensure_loop()
 
@@ -293,7 +300,6 @@ class Coordinator:
             gang.busy = True
             for job_id in running.active:
                 self.store.transition(job_id, JobState.PLACING)
-                running.attempts[job_id] = self.store.job(job_id)["attempts"]
                 self.running[job_id] = running
             asyncio.get_running_loop().create_task(self._run(running))
 
@@ -342,8 +348,15 @@ class Coordinator:
 
     async def _run(self, running: RunningPack) -> None:
         gang = running.gang
-        attempt = max(running.attempts.values())
-        log = self.log.bind(pack=running.id[:8], members=len(running.members), gang=gang.id, attempt=attempt)
+        log = self.log.bind(pack=running.id[:8], members=len(running.members), gang=gang.id)
+        if gang.ready and not await self._healthy(gang, log):
+            # It died while idle: a new gang is formed on the next tick, and the job is not charged an attempt.
+            self._drop(gang)
+            self._end_run(running)
+            for job_id in running.active:
+                self.store.transition(job_id, JobState.QUEUED, detail=f"its idle gang {gang.id} had died; re-queued "
+                                      "on a new gang (no attempt counted: it had not started training)")
+            return
         try:
             if not gang.ready:
                 shape = gang.shape
@@ -366,7 +379,7 @@ class Coordinator:
             self._drop(gang)
             self._end_run(running)
             for job_id in running.active:
-                self._retry_or_fail(job_id, f"placement failed: {type(e).__name__}: {e}")
+                self._placement_failed(job_id, f"{type(e).__name__}: {e}")
             return
         except DataError as e:  # MNIST is missing or corrupt here: fail the job, keep serving (fixed files load)
             log.error("data_unusable", error=str(e))
@@ -376,9 +389,13 @@ class Coordinator:
                 self.store.finish(job_id, "failed", {}, error=f"the coordinator cannot load MNIST: {e}")
             return
         size = len(running.members)
-        for job_id in running.active:
+        for job_id in running.active:  # an attempt is counted here: the job starts training
             self.store.transition(job_id, JobState.RUNNING, node=gang.node,
                                   detail=f"in pack {running.id[:8]} with {size - 1} other job(s)" if size > 1 else None)
+            running.attempts[job_id] = self.store.job(job_id)["attempts"]
+            self.placement_failures.pop(job_id, None)
+        attempt = max(running.attempts.values())
+        log = log.bind(attempt=attempt)
         gang.job_id = running.id
         running.stage = "training"
         if running.cancel_all:
@@ -448,6 +465,27 @@ class Coordinator:
         if len(ended) == len(running.members):
             remove_job(self.checkpoint_dir, running.id)
         self._wake.set()
+
+    async def _healthy(self, gang: Gang, log) -> bool:
+        """Whether every rank of an idle gang still answers (a rank may have died while the gang idled)."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*[w.info.remote() for w in gang.workers]), _HEALTH_TIMEOUT_S)
+            return True
+        except (RayError, asyncio.TimeoutError) as e:
+            log.warning("idle_gang_dead", error=f"{type(e).__name__}: {str(e)[:300]}")
+            return False
+
+    def _placement_failed(self, job_id: str, why: str) -> None:
+        """A gang failed to form for this job: back to the queue without an attempt counted (it never trained),
+        or failed after _MAX_PLACEMENT_FAILURES such failures in a row."""
+        failures = self.placement_failures[job_id] = self.placement_failures.get(job_id, 0) + 1
+        if failures < _MAX_PLACEMENT_FAILURES:
+            self.store.transition(job_id, JobState.QUEUED, detail=f"placement failed ({why}); re-queued (no attempt "
+                                  "counted: it had not started training)")
+        else:
+            self.placement_failures.pop(job_id)
+            self.store.finish(job_id, "failed", {}, error=f"placement failed {failures} times in a row; the last: "
+                              f"{why}")
 
     def _retry_or_fail(self, job_id: str, why: str) -> None:
         """A job lost its gang (or its coordinator): back to the queue, or failed once max_attempts are spent."""

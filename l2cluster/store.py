@@ -197,8 +197,8 @@ class Store:
     def transition(self, job_id: str, new: JobState | str, *, detail: str | None = None, **fields: Any) -> None:
         """Move a job to a new state (checked against the transition table) and record the event.
 
-        `fields` may set node, error, epoch; entering placing counts an attempt, entering running sets
-        started_at, entering a terminal state sets finished_at."""
+        `fields` may set node, error, epoch; entering running counts an attempt (only a start that
+        reached training is one) and sets started_at, entering a terminal state sets finished_at."""
         allowed = {"node", "error", "epoch"}
         if set(fields) - allowed:
             raise ValueError(f"transition() cannot set {sorted(set(fields) - allowed)}")
@@ -214,7 +214,7 @@ class Store:
         if row is None:
             raise KeyError(f"no job {job_id!r} in {self.path}")
         state = check_transition(job_id, row["state"], new)
-        attempts = row["attempts"] + (state is JobState.PLACING)
+        attempts = row["attempts"] + (state is JobState.RUNNING)
         updates = {"state": state.value, "attempts": attempts, **fields}
         if state is JobState.RUNNING:
             updates["started_at"] = now

@@ -194,3 +194,24 @@ def test_the_cli_waits_out_a_coordinator_restart(cluster, capsys):
             os.kill(pid, signal.SIGKILL)
     assert "experiment" in capsys.readouterr().out
     assert call(cluster["handle"], "ping")["pid"] != pid
+
+
+def test_a_gang_that_died_while_idle_is_replaced_without_charging_the_next_job(cluster):
+    """A rank killed while its gang idles (its job has ended) must not count against the next job: with
+    max_attempts 1 that job still trains, on a new gang, and succeeds with one attempt."""
+    store = Store(cluster["store"])
+    (first,) = wait_until(lambda: finished(cluster, submit(cluster, "ft-idle-1", epochs=1)))
+    idle = [g for g in call(cluster["handle"], "gangs_info") if not g["busy"] and g["ranks"]]
+    assert any(g["shape"]["num_workers"] == 1 for g in idle)  # the gang `first` ran on, among others
+    victims = [g["ranks"][0]["pid"] for g in idle]  # a rank of every idle gang: the next job must meet a dead one
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in victims), "the ranks to die", timeout_s=30)
+    exp = submit(cluster, "ft-idle-2", epochs=1, max_attempts=1)
+    (done,) = wait_until(lambda: finished(cluster, exp))
+    assert (done["state"], done["attempts"]) == ("succeeded", 1), done
+    details = [e["detail"] or "" for e in store.events(done["job"])]
+    assert any(d.startswith("its idle gang ") and "had died" in d and "no attempt counted" in d
+               for d in details), details
+    ranks = [r["pid"] for g in call(cluster["handle"], "gangs_info") for r in g["ranks"]]
+    assert not set(victims) & set(ranks)
