@@ -227,9 +227,14 @@ def host_main(argv=None) -> int:
     p.add_argument("--max-pack", type=int)
     args = p.parse_args(argv)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    on_signal = lambda *_: stop.set()  # noqa: E731
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     start_local_ray(args.num_cpus)
+    # Ray's core has installed a crash handler that writes a stack dump on SIGTERM, which is how `daemon stop`
+    # asks this process to stop: ours again, so that a normal stop is quiet.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         handle = start_coordinator(args.store, plugin_dirs=args.plugin_dir, data_dir=args.data_dir,
                                    idle_release_s=args.idle_release_s, strategy=args.placement_strategy,

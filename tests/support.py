@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
+import os
 import time
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -115,3 +118,52 @@ def wait_for(predicate, what: str = "a condition", timeout_s: float = 60.0, ever
             return value
         time.sleep(every_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{show()}")
+
+
+# -- sockets and processes, from /proc (no ss or psutil needed) -------------------------------------------------
+def process_tree(root: int) -> dict[int, str]:
+    """{pid: command line} of `root`, its session (a daemon runs in a session of its own) and its descendants."""
+    procs = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        procs[int(entry.name)] = (int(fields[1]), int(fields[3]), cmd)  # ppid, session id, command line
+    members = {p for p, (_, sid, _) in procs.items() if sid == root} | {root}
+    while more := {p for p, (ppid, _, _) in procs.items() if ppid in members} - members:
+        members |= more
+    return {p: procs[p][2] for p in members if p in procs}
+
+
+def listening_sockets(pids) -> list[tuple[int, str]]:
+    """(pid, "address:port") of every TCP socket these processes listen on."""
+    table = {}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(path).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A":  # LISTEN
+                continue
+            hex_ip, hex_port = cols[1].split(":")
+            raw = bytes.fromhex(hex_ip)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # /proc prints host-order words
+            table[cols[9]] = f"{ipaddress.ip_address(raw)}:{int(hex_port, 16)}"
+    found = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:[") and link[8:-1] in table:
+                        found.append((pid, table[link[8:-1]]))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    """Whether an "address:port" is on loopback (127.0.0.0/8, ::1, or 127.x mapped into IPv6)."""
+    ip = ipaddress.ip_address(address.rsplit(":", 1)[0])
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)

@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import ray
 import yaml
-from support import local_daemon, wait_for
+from support import is_loopback, listening_sockets, local_daemon, process_tree, wait_for
 
 from l2cluster.cli import main
 from l2cluster.store import Store
@@ -155,6 +153,9 @@ def test_status_survives_a_daemon_restart(tmp_path, tiny_mnist_dir):
         assert run.returncode == 0, run.stderr
         experiment = run.stdout.splitlines()[0]
         assert _cli("daemon", "stop", env=env).returncode == 0
+        # A normal stop is quiet: no crash-like dump from Ray's signal handler in the daemon's log.
+        log = (tmp_path / "home" / "daemon.log").read_text()
+        assert "SIGTERM received" not in log and "Traceback" not in log, log
         assert _cli("daemon", "start", "--num-cpus", "2", env=env).returncode == 0
         status = _cli("status", env=env)
         assert re.search(rf"{experiment}\s+0\s+\S+ \S+\s+succeeded=2", status.stdout), status.stdout + status.stderr
@@ -172,38 +173,7 @@ def test_a_job_the_cluster_can_never_hold_fails_with_the_reason(cluster, tmp_pat
     assert job["state"] == "failed" and "the whole cluster has 4 CPU(s)" in job["result"]["error"]
 
 
-def _listening_addresses(pids: set[int]) -> set[str]:
-    """Local addresses of the TCP sockets these processes listen on, from /proc (no ss/psutil needed)."""
-    inodes = set()
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link.startswith("socket:["):
-                    inodes.add(link[8:-1])
-        except OSError:
-            continue
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            cols = line.split()
-            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
-                found.add(cols[1].split(":")[0])
-    return found
-
-
-def _descendants(pid: int) -> set[int]:
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        out.add(p)
-        with contextlib.suppress(OSError):
-            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-    return out
-
-
 def test_the_embedded_cluster_listens_on_127_0_0_1_only(cluster):
-    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1 as IPv4 and as IPv4-mapped IPv6
-    addresses = _listening_addresses(_descendants(os.getpid()))
-    assert len(addresses) >= 1 and addresses <= loopback, addresses
+    addresses = [address for _, address in listening_sockets(process_tree(os.getpid()))]
+    assert len(addresses) >= 1 and all(is_loopback(a) for a in addresses), addresses
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")

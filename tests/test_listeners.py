@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import is_loopback
 
 from l2cluster.gang import interface_of, ipv4_addresses
 
@@ -25,67 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Runs inside the namespace: prints one JSON object with what it saw.
 _SCRIPT = r'''
-import ipaddress, json, os, socket, subprocess, sys, time
-from datetime import timedelta
+import json, os, socket, subprocess, sys
 from pathlib import Path
+
+from support import listening_sockets, process_tree
 
 lan_ip, mnist, home = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 out = {"resolved": socket.gethostbyname(socket.gethostname())}
 
 
-def listening():
-    """{inode: "address:port"} of every listening TCP socket in this network namespace."""
-    found = {}
-    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A":  # LISTEN
-                continue
-            hex_ip, hex_port = fields[1].split(":")
-            raw = bytes.fromhex(hex_ip)
-            # /proc prints each 32-bit word in host (little-endian) order
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-            found[fields[9]] = f"{ipaddress.ip_address(raw)}:{int(hex_port, 16)}"
-    return found
-
-
-def tree(root):
-    """PIDs of `root`'s session and of its descendants, with their command lines."""
-    procs = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        rest = stat[stat.rindex(")") + 2:].split()
-        procs[int(entry.name)] = (int(rest[1]), int(rest[3]), cmd)  # ppid, session, cmdline
-    members = {p for p, (_, sid, _) in procs.items() if sid == root} | {root}
-    grew = True
-    while grew:
-        more = {p for p, (ppid, _, _) in procs.items() if ppid in members} - members
-        members |= more
-        grew = bool(more)
-    return {p: procs[p][2] for p in members if p in procs}
-
-
 def sockets_of(pids):
-    table, seen = listening(), []
-    for pid, cmd in pids.items():
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in table:
-                seen.append({"pid": pid, "cmd": cmd[:60], "address": table[target[8:-1]]})
-    return seen
+    return [{"pid": pid, "cmd": pids[pid][:60], "address": address} for pid, address in listening_sockets(pids)]
 
 
 # Control: a plain gloo process group in this namespace, as torch sets it up by default.
@@ -98,7 +49,7 @@ print("ready", flush=True)
 sys.stdin.read()
 """], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 assert proc.stdout.readline().strip() == "ready"
-out["control"] = [s["address"] for s in sockets_of({proc.pid: "control"})]
+out["control"] = [address for _, address in listening_sockets([proc.pid])]
 proc.stdin.close()
 proc.wait(30)
 
@@ -118,7 +69,7 @@ try:
         subprocess.run(cli + ["submit", str(spec), "--wait"], env=env, check=True, stdout=subprocess.DEVNULL,
                        timeout=300)
         # The gang stays warm after its job (idle_release_s): its ranks still hold their process group.
-        out["samples"][workers] = sockets_of(tree(daemon_pid))
+        out["samples"][workers] = sockets_of(process_tree(daemon_pid))
 finally:
     subprocess.run(cli + ["daemon", "stop"], env=env, timeout=120)
 print(json.dumps(out))
@@ -128,13 +79,6 @@ print(json.dumps(out))
 def _lan_address() -> str | None:
     """A non-loopback IPv4 address of this host, or None."""
     return next((ip for ip in ipv4_addresses().values() if not ip.startswith("127.")), None)
-
-
-def _is_loopback(address: str) -> bool:
-    import ipaddress
-
-    ip = ipaddress.ip_address(address.rsplit(":", 1)[0])
-    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
 
 
 def test_interface_of_finds_loopback_and_this_hosts_addresses():
@@ -161,7 +105,7 @@ def test_daemon_tree_listens_on_loopback_only_where_the_hostname_resolves_to_a_l
     home.mkdir()
     inner = f"mount --bind {hosts} /etc/hosts && exec {sys.executable} {script} {lan} {mnist_dir} {home}"
     run = subprocess.run(["unshare", "-m", "sh", "-c", inner], capture_output=True, text=True, timeout=900,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert seen["resolved"] == lan  # the namespace really makes the hostname a LAN name
@@ -172,5 +116,5 @@ def test_daemon_tree_listens_on_loopback_only_where_the_hostname_resolves_to_a_l
               *sorted({f"{s['address']} {s['cmd']}" for s in sockets}), sep="\n  ")
         ranks = [s for s in sockets if "RankWorker" in s["cmd"]]
         assert len({s["pid"] for s in ranks}) == int(workers), sockets  # sampled while the gang was up
-        wide = [s for s in sockets if not _is_loopback(s["address"])]
+        wide = [s for s in sockets if not is_loopback(s["address"])]
         assert not wide, f"{workers}-rank gang: listeners beyond loopback: {wide}"
