@@ -429,7 +429,7 @@ class Coordinator:
                 gang.busy, gang.idle_since, gang.job_id = False, time.time(), None
         except RayError as e:  # a rank (or its node) died, or Ray failed the call: the gang is gone
             what = "a rank of its gang died" if isinstance(e, RayActorError) else "the gang failed"
-            log.warning("gang_lost", error=str(e)[:300])
+            log.warning("gang_lost", error=str(e))
             self._drop(gang)
             for job_id in running.active:
                 if self._terminal(job_id):
@@ -437,7 +437,7 @@ class Coordinator:
                 if running.cancel_all or job_id in running.cancelled:
                     self.store.finish(job_id, "cancelled", {}, error=f"cancelled; {what}")
                 else:
-                    self._retry_or_fail(job_id, f"{what}: {str(e)[:500]}")
+                    self._retry_or_fail(job_id, f"{what}: {e}")  # whole: Ray's errors say why on later lines
         finally:
             self._end_run(running)
 
@@ -472,7 +472,7 @@ class Coordinator:
             await asyncio.wait_for(asyncio.gather(*[w.info.remote() for w in gang.workers]), _HEALTH_TIMEOUT_S)
             return True
         except (RayError, asyncio.TimeoutError) as e:
-            log.warning("idle_gang_dead", error=f"{type(e).__name__}: {str(e)[:300]}")
+            log.warning("idle_gang_dead", error=f"{type(e).__name__}: {e}")
             return False
 
     def _placement_failed(self, job_id: str, why: str) -> None:

@@ -86,7 +86,8 @@ def test_a_killed_rank_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_
     (done,) = wait_until(lambda: finished(cluster, exp))
     assert done["state"] == "succeeded" and done["attempts"] == 2
     details = [e["detail"] or "" for e in store.events(job["job"])]
-    assert any("attempt 1 lost (a rank of its gang died" in d for d in details), details
+    lost = next(d for d in details if d.startswith("attempt 1 lost (a rank of its gang died"))
+    assert f"pid: {killed}" in lost and len(lost) > 500, lost  # Ray's whole multi-line error, not cut
     resumed = [d for d in details if d.startswith("resumed from the checkpoint of epoch")]
     assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 2, details
     assert outcome(store, job["job"]) == outcome(store, twin["job"])  # bit-identical metrics and parameter sum
