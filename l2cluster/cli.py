@@ -412,6 +412,22 @@ def _pack_cell(job: dict) -> str:
     return pack[:8] if pack and pack != job["job"] else "-"
 
 
+def cmd_gangs(args) -> int:
+    from l2cluster.daemon import connect
+
+    connect(args.address)
+    gangs = _daemon_call("gangs_info")
+    if args.job:
+        gangs = [g for g in gangs if any(j.startswith(args.job) for j in g["jobs"])]
+        if not gangs:
+            raise UserError(f"no gang runs a job {args.job!r} now; `l2cluster status EXPERIMENT` shows where jobs "
+                            "are (queued, placing, ended)")
+    rows = [(g["gang"], "busy" if g["busy"] else "idle", " ".join(j[:8] for j in g["jobs"]) or "-", r["rank"],
+             r["pid"], r["node"], r["jobs_run"]) for g in gangs for r in g["ranks"]]
+    _print_rows(args.format, ("gang", "state", "jobs", "rank", "pid", "node", "packs_run"), rows, gangs)
+    return 0
+
+
 def cmd_cancel(args) -> int:
     from l2cluster.daemon import connect
 
@@ -626,6 +642,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "results.", "l2cluster submit jobs/compare_regularizers.yaml --wait"),
     "status": ("Experiments with their job counts, or one experiment's jobs (an id or a unique prefix of it).",
                "l2cluster status\nl2cluster status quickstart --store ~/.local/state/l2cluster/store.db"),
+    "gangs": ("The daemon's warm gangs: busy or idle, the jobs they train, and each rank's process id, node and "
+              "the packs it has run (for py-spy, a debugger or a fault test).",
+              "l2cluster gangs\nl2cluster gangs 94494366 --format json"),
     "cancel": ("Cancel an experiment's unfinished jobs, or one job (ids or unique prefixes).",
                "l2cluster cancel compare-regularizers-1a2b3c4d\nl2cluster cancel 94494366"),
     "results": ("An experiment's configurations summarized over seeds (mean, sd, 95% CI), ranked by validation "
@@ -737,6 +756,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address")
     _format_option(p)
     p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("gangs", help="the daemon's gangs and each rank's process id and node")
+    p.add_argument("job", nargs="?", metavar="JOB", help="only the gang running this job (an id or its prefix)")
+    p.add_argument("--address")
+    _format_option(p)
+    p.set_defaults(fn=cmd_gangs)
 
     p = sub.add_parser("cancel", help="cancel an experiment's unfinished jobs, or one job")
     p.add_argument("target", metavar="EXP|JOB")

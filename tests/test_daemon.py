@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -177,3 +179,28 @@ def test_the_embedded_cluster_listens_on_127_0_0_1_only(cluster):
     addresses = [address for _, address in listening_sockets(process_tree(os.getpid()))]
     assert len(addresses) >= 1 and all(is_loopback(a) for a in addresses), addresses
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+
+def test_gangs_shows_the_rank_processes_of_a_running_job(cluster, tmp_path, capsys):
+    spec = write_spec(tmp_path, "pids", scaling={"num_workers": 2, "pack": False}, epochs=200,
+                      data={"batch_size": 10, "val_size": 100})
+    code, out = submit(spec, capsys=capsys)
+    assert code == 0
+    (job,) = jobs_of(cluster, out.splitlines()[0])
+    try:
+        wait_for(lambda: jobs_of(cluster, job["experiment"])[0]["state"] == "running", "the job to run")
+        assert main(["gangs", job["job"][:8], "--format", "json"]) == 0
+        (gang,) = json.loads(capsys.readouterr().out)
+        assert gang["busy"] and gang["jobs"] == [job["job"]]
+        pids = [r["pid"] for r in sorted(gang["ranks"], key=lambda r: r["rank"])]
+        assert len(set(pids)) == 2
+        for pid in pids:  # the rank processes themselves
+            assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RankWorker")
+        assert main(["gangs", job["job"][:8]]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert table[0].split() == ["gang", "state", "jobs", "rank", "pid", "node", "packs_run"]
+        assert [line.split()[3:5] for line in table[2:]] == [["0", str(pids[0])], ["1", str(pids[1])]]
+        assert main(["gangs", "ffffffffffff"]) == 2
+        assert "no gang runs a job 'ffffffffffff' now" in capsys.readouterr().err
+    finally:
+        assert main(["cancel", job["job"]]) == 0
