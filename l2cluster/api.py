@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from l2cluster.aggregate import export_experiment, group_jobs, settings_text
-from l2cluster.store import Store, job_dict
+from l2cluster.store import Store, job_dict, reading
 
 __all__ = ["Experiment", "Records", "StoreReader", "open_store", "run", "submit"]
 
@@ -164,11 +164,8 @@ class _StoreFile:
 
     @contextlib.contextmanager
     def open(self) -> Iterator[Store]:
-        store = Store.open_read_only(self.path)
-        try:
+        with reading(self.path) as store:
             yield store
-        finally:
-            store.close()
 
     def export(self, experiment_id: str, epochs: bool = True) -> dict:
         with self.open() as store:

@@ -1,8 +1,9 @@
 """The `l2cluster` command line: validate and inspect specs and plugins, and train a spec's jobs in this process.
 
 User errors (a bad spec, a missing plugin, unreadable data) print the field and the fix — never a traceback —
-and exit with code 2. Results go to stdout, logs to stderr. Exit codes: 0 ok, 1 a job failed, 2 bad input (or
-no daemon), 130 interrupted. Commands that only read results import neither torch nor (with --store) Ray.
+and exit with code 2. Results go to stdout, logs to stderr. Exit codes: 0 ok, 1 a job failed (`store check`: the
+store is damaged), 2 bad input (or no daemon), 130 interrupted. Commands that only read results import neither
+torch nor (with --store) Ray.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import os
 import shutil
+import sqlite3
 import sys
 import textwrap
 import time
@@ -374,15 +376,13 @@ def _read(args, from_store, from_daemon):
     """What a read-only command shows: `from_store(store)` on the store file given with --store (no daemon, no
     Ray), else `from_daemon()`, asking the daemon's coordinator (works on any cluster)."""
     if getattr(args, "store", None):
-        from l2cluster.store import Store
+        from l2cluster.store import reading
 
-        store = Store.open_read_only(args.store)
-        try:
-            return from_store(store)
-        except KeyError as e:
-            raise UserError(e.args[0]) from None
-        finally:
-            store.close()
+        with reading(args.store) as store:
+            try:
+                return from_store(store)
+            except KeyError as e:
+                raise UserError(e.args[0]) from None
     from l2cluster.daemon import DaemonError, connect
 
     try:
@@ -542,6 +542,45 @@ def cmd_logs(args) -> int:
     return 0
 
 
+def _default_store() -> Path:
+    """l2cluster.daemon.default_store(), without importing the daemon module (it imports Ray): store commands stay
+    light. tests/test_store_files.py checks that the two agree."""
+    home = os.environ.get("L2CLUSTER_HOME") or Path.home() / ".local" / "state" / "l2cluster"
+    return Path(home) / "store.db"
+
+
+def cmd_store_backup(args) -> int:
+    from l2cluster.store import Store
+
+    store = Store.open_read_only(args.store or _default_store())
+    try:
+        print(store.backup(args.dest))
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_store_check(args) -> int:
+    """0: the store is healthy; 1: SQLite's integrity check found problems (listed on stdout); 2: not a store
+    that can be opened (missing, another application's file, unreadable)."""
+    from l2cluster.store import Store
+
+    store = Store.open_read_only(args.store or _default_store())
+    try:
+        problems = store.integrity_problems()
+    except sqlite3.DatabaseError as e:
+        problems = [" ".join(str(e).split())]
+    finally:
+        store.close()
+    if problems:
+        print("\n".join(problems))
+        print(f"{store.path}: {len(problems)} problem(s); restore a backup (`l2cluster store backup` makes one)",
+              file=sys.stderr)
+        return 1
+    print(f"ok: {store.path}")
+    return 0
+
+
 def cmd_run(args) -> int:
     """The embedded default: a local Ray, a coordinator, the whole sweep, the results, a clean shutdown."""
     import ray
@@ -655,6 +694,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "l2cluster report quickstart -o report/ --store ~/.local/state/l2cluster/store.db"),
     "logs": ("A job's plugin versions, state changes, per-epoch metrics and error (with a plugin's traceback).",
              "l2cluster logs 94494366\nl2cluster logs 94494366 --format csv --store store.db"),
+    "store": ("Back up or check the store file: the SQLite database (and, while a daemon writes it, its "
+              "store.db-wal log) that holds every experiment.",
+              "l2cluster store backup ~/backups/store-2026-12-05.db\nl2cluster store check --store store.db"),
+    "store backup": ("Copy the store with SQLite's backup API to DEST, a new file: one consistent snapshot, safe "
+                     "while the daemon writes, in one self-contained file (no -wal beside it).",
+                     "l2cluster store backup ~/backups/store.db --store ~/.local/state/l2cluster/store.db"),
+    "store check": ("Run SQLite's integrity check on the store (read-only, beside a running daemon too): prints "
+                    "ok, exit code 0; or one line per problem, exit code 1; a file that is not a readable store "
+                    "is exit code 2.", "l2cluster store check --store ~/.local/state/l2cluster/store.db"),
     "run": ("Run a spec on an embedded local Ray: start it, train every job, print the results, shut down. The "
             "store keeps the results for `results`, `report` and `status` with --store.",
             "l2cluster run jobs/quickstart.yaml --data-dir ../shared/data/mnist"),
@@ -820,6 +868,17 @@ def build_parser() -> argparse.ArgumentParser:
     _rerun_option(p)
     daemon_options(p, "~/.local/state/l2cluster/store.db")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("store", help="back up or check the store file")
+    ssub = p.add_subparsers(dest="store_command", required=True)
+    store_help = "the store file (default: the local daemon's, ~/.local/state/l2cluster/store.db or $L2CLUSTER_HOME)"
+    p = ssub.add_parser("backup", help="copy the store to one self-contained file, safely while the daemon writes")
+    p.add_argument("dest", metavar="DEST", help="the new file (must not exist)")
+    p.add_argument("--store", help=store_help)
+    p.set_defaults(fn=cmd_store_backup)
+    p = ssub.add_parser("check", help="SQLite's integrity check of the store: ok, or the problems (exit code 1)")
+    p.add_argument("--store", help=store_help)
+    p.set_defaults(fn=cmd_store_check)
 
     p = spec_command("train", cmd_train, "train a spec's jobs one after another in this process (debugging path)")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (else L2CLUSTER_DATA, else the cache)")

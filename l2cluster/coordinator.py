@@ -230,6 +230,7 @@ class Coordinator:
             self._loop_task.cancel()
         for g in list(self.gangs.values()):
             self._drop(g)
+        self.store.close()  # folds the write-ahead log into the file: after a clean stop, store.db holds it all
 
     # -- scheduling -----------------------------------------------------------------------------------------
     def _ensure_loop(self) -> None:

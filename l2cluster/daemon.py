@@ -20,6 +20,7 @@ from pathlib import Path
 import ray
 
 from l2cluster.limits import DEFAULT_MAX_JOBS
+from l2cluster.store import checkpoint
 
 # The coordinator actor's name and namespace on the cluster: how every client finds the daemon.
 NAMESPACE = "l2cluster"
@@ -253,6 +254,8 @@ def host_main(argv=None) -> int:
         if state and state.get("pid") == os.getpid():
             _state_file().unlink(missing_ok=True)
         ray.shutdown()
+        with contextlib.suppress(Exception):  # the coordinator closed the store; this is for one that could not
+            checkpoint(args.store)
     return 0
 
 

@@ -2,8 +2,10 @@
 
 WAL mode, one writer (the coordinator), any number of readers. Every state change goes through
 `transition`, which checks it against the table in l2cluster.states and records it as an event, so what
-`status` and `results` show survives a restart of whatever wrote it. The file is created readable by its
-owner only; a file that is not a healthy SQLite database is refused, never overwritten.
+`status` and `results` show survives a restart of whatever wrote it. The file is created whole, readable by its
+owner only and marked as l2cluster's (SQLite's application_id); a file that is not a healthy l2cluster store is
+refused, never changed. Closing the writer folds the write-ahead log into the file, so after a clean stop the
+file alone holds everything; `Store.backup` copies a live store.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -107,16 +109,17 @@ class Store:
 
     def __init__(self, path: str | Path, *, timeout: float = 10.0):
         self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = True
+        _check_writable_location(self.path)
         if not self.path.exists():
-            # Created with owner-only permissions before SQLite opens it (its -wal/-shm files inherit them).
-            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            _create(self.path)
         try:
+            _identify(self.path)  # before it is opened for writing: another application's file stays untouched
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=timeout)
             self._db.row_factory = sqlite3.Row
             check = self._db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
-                raise sqlite3.DatabaseError(check)
+                raise sqlite3.DatabaseError(_one_line(check))
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -125,11 +128,23 @@ class Store:
                     self._db.execute(statement)
                 self._check_version()
         except sqlite3.OperationalError as e:
+            self._close_quietly()
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise StoreError(f"{self.path}: cannot open the store ({e}); check that its folder and file are "
+                                 "writable, or point the daemon at another store path") from None
             raise StoreError(f"{self.path}: cannot open the store ({e}); another process may hold it locked — "
                              "stop it, or point the daemon at another store path") from None
         except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path}: not a healthy l2cluster store ({e}); it was left untouched — move it "
-                             "aside or point the daemon at another store path") from None
+            self._close_quietly()
+            raise StoreError(f"{self.path}: not a healthy l2cluster store ({_one_line(str(e))}); it was left "
+                             "untouched — move it aside or point the daemon at another store path") from None
+        except StoreError:
+            self._close_quietly()
+            raise
+
+    def _close_quietly(self) -> None:
+        if getattr(self, "_db", None) is not None:
+            self._db.close()
 
     def _check_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -151,8 +166,17 @@ class Store:
                 self._db.execute("UPDATE jobs SET pack_key = ?, shape_json = ? WHERE id = ?",
                                  (pack_key(config), shape_json(config), job_id))
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        # A store from before the application id (schema ≤ 4) is adopted here, by the same transaction.
+        self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
+        """Close the store. The writer first moves the write-ahead log into the file (a WAL checkpoint), so that
+        after a clean stop store.db alone holds everything; a reader busy at that moment only delays that to the
+        next open, which replays the log."""
+        if self._writer:
+            with suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
 
     @contextmanager
@@ -357,20 +381,216 @@ class Store:
         """An existing store opened for reading only (`results --store`, `report --store`): it never creates,
         migrates or writes the file, and may run beside the daemon that writes it (WAL lets readers in)."""
         store = cls.__new__(cls)
-        store.path = Path(path).expanduser()
+        store.path, store._writer = Path(path).expanduser(), False
+        _check_file_path(store.path)
         if not store.path.is_file():
-            raise StoreError(f"{store.path}: no such store file; pass the path the daemon writes (`l2cluster "
-                             "daemon status` prints it)")
+            raise StoreError(f"{store.path}: no such store file; pass the path the daemon writes (`l2cluster daemon "
+                             "status` prints it)")
         try:
-            store._db = sqlite3.connect(f"{store.path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
-            store._db.row_factory = sqlite3.Row
-            row = store._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = _identify(store.path)
         except sqlite3.DatabaseError as e:
-            raise StoreError(f"{store.path}: not a readable l2cluster store ({e})") from None
-        if row is None or int(row[0]) > SCHEMA_VERSION:
-            raise StoreError(f"{store.path}: store schema {row[0] if row else 'missing'} is not one this l2cluster "
-                             f"reads (≤ {SCHEMA_VERSION}); upgrade l2cluster")
+            raise StoreError(f"{store.path}: not a readable l2cluster store ({_one_line(str(e))})") from None
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{store.path}: store schema {version} is not one this l2cluster reads "
+                             f"(≤ {SCHEMA_VERSION}); upgrade l2cluster")
+        store._db = _connect_read_only(store.path, timeout)
         return store
+
+    # -- the file as a whole ----------------------------------------------------------------------------------
+    def integrity_problems(self) -> list[str]:
+        """What SQLite's integrity check finds wrong with the file (every page, index and constraint); [] if
+        nothing."""
+        rows = [r[0] for r in self._db.execute("PRAGMA integrity_check").fetchall()]
+        return [] if rows == ["ok"] else [_one_line(r) for r in rows]
+
+    def backup(self, dest: str | Path) -> Path:
+        """Copy the store, as one consistent snapshot, to `dest` with SQLite's backup API (safe while the daemon
+        writes). `dest` must not exist; the copy is one self-contained file (no write-ahead log beside it) that
+        only appears at `dest` once it is complete."""
+        dest = Path(dest).expanduser()
+        _check_writable_location(dest)
+        if dest.exists() or dest.is_symlink():
+            raise StoreError(f"{dest}: already exists; a backup never overwrites a file — pass a new path")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except OSError as e:
+            raise StoreError(f"{dest}: cannot write the backup ({e.strerror})") from None
+        os.close(fd)
+        try:
+            copy = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                self._db.backup(copy)
+                copy.execute("PRAGMA journal_mode=DELETE")  # one file: the log folded in, and none kept beside it
+            finally:
+                copy.close()
+            _publish(tmp, dest)
+        except FileExistsError:
+            raise StoreError(f"{dest}: already exists; a backup never overwrites a file — pass a new path") from None
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"{dest}: the backup failed ({_one_line(str(e))})") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
+
+
+@contextmanager
+def reading(path: str | Path) -> Iterator[Store]:
+    """A store opened read-only for the block (Store.open_read_only), then closed. A damaged page met while
+    reading is a StoreError that names the file and `l2cluster store check`."""
+    store = Store.open_read_only(path)
+    try:
+        yield store
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{store.path}: cannot read the store ({_one_line(str(e))}); `l2cluster store check --store "
+                         f"{store.path}` lists the damage") from None
+    finally:
+        store.close()
+
+
+# -- the store file: where it may be, what it must be ---------------------------------------------------------
+APPLICATION_ID = 0x4C32434C  # "L2CL": SQLite's header field that says which application a database file belongs to
+
+
+def _one_line(text: str) -> str:
+    """SQLite's messages (an integrity check's rows) as one line."""
+    return " ".join(text.split())
+
+
+def _check_file_path(path: Path) -> None:
+    """Refuse, in one line, a path that cannot be a file: a folder, or a path under a file."""
+    if path.is_dir():
+        raise StoreError(f"{path}: is a folder; pass the store's file path, such as {path / 'store.db'}")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise StoreError(f"{path}: {ancestor} is a file, not a folder; pass a store path inside a folder")
+
+
+def _check_writable_location(path: Path) -> None:
+    """Refuse, in one line, a store path that cannot hold a store file: a folder, a path under a file, a read-only
+    folder (SQLite writes its -wal and -shm files beside the store); create missing parent folders."""
+    _check_file_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"{path}: cannot create the folder {path.parent} ({e.strerror})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise StoreError(f"{path}: the folder {path.parent} is read-only (the store writes a log file beside "
+                         "itself); reading commands still read it — to write, copy the store to a writable folder")
+
+
+def _create(path: Path) -> None:
+    """A new, empty store at `path`, created whole or not at all: built under a temporary name with owner-only
+    permissions, then linked into place. So a file l2cluster left is never empty, and an existing empty file
+    is not mistaken for one (Store refuses it). A store another process created meanwhile is kept."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # its -wal/-shm files inherit that
+        db = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for statement in _statements():
+                db.execute(statement)
+            db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        finally:
+            db.close()
+        _publish(tmp, path)
+    except FileExistsError:
+        pass  # created by another process meanwhile: opened as it is
+    except (OSError, sqlite3.Error) as e:
+        raise StoreError(f"{path}: cannot create the store ({_one_line(str(e))})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Give the finished file `tmp` its name `dest`; FileExistsError if `dest` exists (never overwritten: a hard
+    link, not rename(); on a file system without hard links, rename() after a last look)."""
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise
+    except OSError:
+        if dest.exists():
+            raise FileExistsError(dest) from None
+        os.rename(tmp, dest)
+
+
+def _connect_read_only(path: Path, timeout: float) -> sqlite3.Connection:
+    """A read-only connection to an existing store. In a read-only folder (a mounted backup), where SQLite cannot
+    create the -shm file a WAL reader needs, a store without a pending log is read as immutable: nothing can
+    write it there."""
+    wal = path.with_name(path.name + "-wal")
+    read_only_folder = not os.access(path.parent, os.W_OK)
+    uri = f"{path.resolve().as_uri()}?mode=ro" + ("&immutable=1" if read_only_folder and not wal.exists() else "")
+    try:
+        db = sqlite3.connect(uri, uri=True, timeout=timeout)
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.DatabaseError as e:
+        hint = (" — its folder is read-only and its write-ahead log is pending: copy the folder somewhere writable"
+                if read_only_folder and wal.exists() else "")
+        raise StoreError(f"{path}: cannot read the store ({_one_line(str(e))}){hint}") from None
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def _identify(path: Path) -> int:
+    """The schema version of the l2cluster store at `path`; StoreError for any other file. A store from before the
+    application id (schema ≤ 4) is known by its meta table. Read through a connection of its own that, when no log
+    is beside the file, reads the file alone (immutable): another application's file gets no -wal or -shm file
+    beside it either."""
+    wal = path.with_name(path.name + "-wal")
+    uri = f"{path.resolve().as_uri()}?mode=ro" + ("" if wal.exists() else "&immutable=1")
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        return _identified(db, path)
+    finally:
+        db.close()
+
+
+def _identified(db: sqlite3.Connection, path: Path) -> int:
+    application_id = db.execute("PRAGMA application_id").fetchone()[0]
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    row = None
+    if "meta" in tables:
+        with suppress(sqlite3.OperationalError):  # another application's table called meta
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    version = int(row[0]) if row is not None and str(row[0]).isdigit() else None
+    if application_id == APPLICATION_ID and version is not None:
+        return version
+    if application_id == 0 and version is not None and version <= 4:
+        return version
+    if application_id == APPLICATION_ID:
+        what = "an l2cluster store that lost its schema version (damaged)"
+    elif application_id != 0:
+        what = f"another application's SQLite database (application_id {application_id:#x})"
+    elif not tables and path.stat().st_size == 0:
+        what = "an empty file (0 bytes)"
+    elif not tables:
+        what = "an empty SQLite database"
+    else:
+        what = f"a SQLite database with other tables ({', '.join(sorted(tables)[:4])})"
+    raise StoreError(f"{path}: {what}, not an l2cluster store; it was left untouched — l2cluster creates its "
+                     "store itself: pass a path that does not exist yet, or move the file aside")
+
+
+def checkpoint(path: str | Path) -> None:
+    """Fold a store's write-ahead log into the file (after a writer stopped without closing it, e.g. a killed
+    coordinator): store.db alone then holds everything. Does nothing when there is no log."""
+    path = Path(path).expanduser()
+    wal = path.with_name(path.name + "-wal")
+    if not path.is_file() or not wal.exists():
+        return
+    db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
 
 
 def _statements() -> list[str]:

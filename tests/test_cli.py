@@ -43,7 +43,7 @@ def store(tmp_path):
 @pytest.mark.parametrize("command", [
     ["--help"], ["status", "--store", "STORE"], ["status", "agg", "--store", "STORE"],
     ["results", "agg", "--store", "STORE"], ["logs", "JOB", "--store", "STORE"],
-    ["results", "agg", "--jobs", "--format", "csv", "--store", "STORE"],
+    ["results", "agg", "--jobs", "--format", "csv", "--store", "STORE"], ["store", "check", "--store", "STORE"],
 ])
 def test_reading_commands_import_neither_torch_nor_ray(store, command):
     command = [store["path"] if a == "STORE" else store["jobs"][0].id[:8] if a == "JOB" else a for a in command]
