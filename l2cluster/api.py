@@ -108,10 +108,11 @@ def epochs_records(export: dict) -> Records:
 def call_coordinator(fn: str, *args, timeout: float | None = 60, restart_wait_s: float = 120.0, **kwargs):
     """Call the coordinator actor's method `fn` (on the cluster this process is connected to) and return its
     answer. Raises KeyError for an unknown experiment or job, the plugin's PluginError, or what the coordinator
-    raised (a SpecError names every bad field)."""
+    raised (a SpecError names every bad field); a DaemonError when the coordinator does not answer within
+    `timeout` seconds or is gone."""
     import ray
 
-    from l2cluster.daemon import coordinator
+    from l2cluster.daemon import DaemonError, coordinator
 
     deadline = time.monotonic() + restart_wait_s
     while True:
@@ -121,8 +122,16 @@ def call_coordinator(fn: str, *args, timeout: float | None = 60, restart_wait_s:
             # Ray is restarting the coordinator (its process died). Every coordinator call is safe to repeat
             # (submit is idempotent, the others read or cancel), so ask the new one instead of giving up.
             if time.monotonic() > deadline:
-                raise
+                raise DaemonError(f"the coordinator did not come back within {restart_wait_s:.0f} s; see `l2cluster "
+                                  "daemon status`, and start it again with `l2cluster daemon start`") from None
             time.sleep(1.0)
+        except ray.exceptions.GetTimeoutError:
+            raise DaemonError(f"the coordinator did not answer {fn!r} within {timeout:.0f} s; see `l2cluster daemon "
+                              "status` (and the daemon's log)") from None
+        except ray.exceptions.RayActorError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DaemonError(f"the coordinator stopped ({reason}); start it again with `l2cluster daemon "
+                              "start`") from None
         except ray.exceptions.RayTaskError as e:
             cause = e.as_instanceof_cause()
             if isinstance(cause, KeyError):

@@ -217,7 +217,14 @@ def cmd_daemon(args) -> int:
             ray.kill(daemon.coordinator())
             print("coordinator stopped")
             return 0
-        print("local daemon stopped" if daemon.stop_local_daemon() else "no local daemon was running")
+        state = daemon.read_state()
+        if daemon.stop_local_daemon():
+            print("local daemon stopped")
+        elif state:  # it died without `daemon stop`: stop_local_daemon cleaned up after it
+            print(f"the local daemon (pid {state['pid']}) had already stopped without `l2cluster daemon stop`; "
+                  f"cleaned up what it left (see {daemon.home() / 'daemon.log'})")
+        else:
+            print("no local daemon was running")
         return 0
     daemon.connect(args.address)
     info = _daemon_call("ping")
