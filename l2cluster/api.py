@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -108,10 +109,11 @@ def epochs_records(export: dict) -> Records:
 def call_coordinator(fn: str, *args, timeout: float | None = 60, restart_wait_s: float = 120.0, **kwargs):
     """Call the coordinator actor's method `fn` (on the cluster this process is connected to) and return its
     answer. Raises KeyError for an unknown experiment or job, the plugin's PluginError, or what the coordinator
-    raised (a SpecError names every bad field)."""
+    raised (a SpecError names every bad field); a DaemonError when the coordinator does not answer within
+    `timeout` seconds or is gone."""
     import ray
 
-    from l2cluster.daemon import coordinator
+    from l2cluster.daemon import DaemonError, coordinator
 
     deadline = time.monotonic() + restart_wait_s
     while True:
@@ -121,8 +123,16 @@ def call_coordinator(fn: str, *args, timeout: float | None = 60, restart_wait_s:
             # Ray is restarting the coordinator (its process died). Every coordinator call is safe to repeat
             # (submit is idempotent, the others read or cancel), so ask the new one instead of giving up.
             if time.monotonic() > deadline:
-                raise
+                raise DaemonError(f"the coordinator did not come back within {restart_wait_s:.0f} s; see `l2cluster "
+                                  "daemon status`, and start it again with `l2cluster daemon start`") from None
             time.sleep(1.0)
+        except ray.exceptions.GetTimeoutError:
+            raise DaemonError(f"the coordinator did not answer {fn!r} within {timeout:.0f} s; see `l2cluster daemon "
+                              "status` (and the daemon's log)") from None
+        except ray.exceptions.RayActorError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DaemonError(f"the coordinator stopped ({reason}); start it again with `l2cluster daemon "
+                              "start`") from None
         except ray.exceptions.RayTaskError as e:
             cause = e.as_instanceof_cause()
             if isinstance(cause, KeyError):
@@ -401,12 +411,77 @@ def embedded_coordinator(store: Path, *, num_cpus: int | None = None, say: Calla
         ray.shutdown()
 
 
+def cluster_address(address: str | None = None) -> str | None:
+    """The Ray cluster that `run` uses instead of starting its own: `address`, else RAY_ADDRESS (`ray job submit`
+    sets it for a job's entrypoint), else "auto" inside a Ray job that has no RAY_ADDRESS; None: run embedded."""
+    in_ray_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # what Ray's job supervisor gives a job's entrypoint
+    return address or os.environ.get("RAY_ADDRESS") or ("auto" if in_ray_job else None)
+
+
+@dataclass
+class RunCoordinator:
+    """The coordinator a `run` submits to, and where it is."""
+
+    handle: Any
+    store: Path  # the store file the coordinator writes (on the coordinator's node)
+    where: str  # "a local Ray", "the Ray cluster at ADDRESS"
+    started: bool  # started for this run and stopped at its end (False: a daemon's, left running)
+
+
+@contextlib.contextmanager
+def cluster_coordinator(address: str, store: Path, *, say: Callable[[str], None] = lambda _: None,
+                        **options) -> Iterator[RunCoordinator]:
+    """The coordinator on the Ray cluster at `address`: the one running there (a daemon's: used, left running), else
+    one started for this run on `store` with `options` and stopped on exit. No nested Ray: inside a Ray job, that is
+    the cluster the job runs on. This process disconnects on exit."""
+    import ray
+
+    from l2cluster import daemon
+
+    where = "the Ray cluster this job runs on" if address == "auto" else f"the Ray cluster at {address}"
+    say(f"connecting to {where} …")
+    daemon.connect(address)
+    try:
+        try:
+            running = daemon.coordinator()
+        except daemon.DaemonError:
+            running = None
+        if running is not None:
+            info = call_coordinator("ping")
+            say(f"using the coordinator that runs there (store {info['store']})")
+            yield RunCoordinator(running, Path(info["store"]), where, started=False)
+            return
+        say("starting a coordinator there for this run …")
+        # Owned by this process (not detached): it goes when the run ends, even when the run is killed.
+        handle = start_coordinator(store, detached=False, **options)
+        yield RunCoordinator(handle, store, where, started=True)
+        ray.get(handle.shutdown.remote(), timeout=30)
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def run_coordinator(store: Path, *, address: str | None = None, num_cpus: int | None = None,
+                    say: Callable[[str], None] = lambda _: None, **options) -> Iterator[RunCoordinator]:
+    """Where `run` trains: the Ray cluster of `cluster_address(address)` (cluster_coordinator), else an embedded
+    local Ray with `num_cpus` (embedded_coordinator)."""
+    address = cluster_address(address)
+    if address:
+        with cluster_coordinator(address, store, say=say, **options) as target:
+            yield target
+        return
+    with embedded_coordinator(store, num_cpus=num_cpus, say=say, **options) as handle:
+        yield RunCoordinator(handle, store, "a local Ray", started=True)
+
+
 def run(spec, *, store: str | Path | None = None, num_cpus: int | None = None, data_dir: str | Path | None = None,
         rerun: bool = False, progress: bool = True, priority: int = 0, plugin_dirs: Sequence[str | Path] = (),
-        **options) -> Experiment:
-    """Run a spec embedded, as `l2cluster run` does: a local Ray on 127.0.0.1 with `num_cpus` (default all), a
-    coordinator on `store` (default ~/.local/state/l2cluster/store.db), every job, then a clean shutdown. Shows
-    progress on stderr unless `progress` is False. Returns the experiment, read from the store file.
+        address: str | None = None, **options) -> Experiment:
+    """Run a spec as `l2cluster run` does: a coordinator on `store` (default ~/.local/state/l2cluster/store.db),
+    every job, then a clean shutdown. Where: a local Ray on 127.0.0.1 with `num_cpus` (default all), embedded in this
+    process; or, given `address`, RAY_ADDRESS or inside a Ray job (`ray job submit`), that Ray cluster, whose running
+    coordinator is used if it has one (see cluster_coordinator). Shows progress on stderr unless `progress` is
+    False. Returns the experiment, read from the store file (from that daemon when it was a daemon's coordinator).
 
     `options` go to the coordinator: idle_release_s, strategy, checkpoint_dir, max_jobs, max_pack."""
     from l2cluster import daemon
@@ -416,11 +491,12 @@ def run(spec, *, store: str | Path | None = None, num_cpus: int | None = None, d
     parse_spec(data, load_plugins(plugin_dirs), source=source)  # a bad field is a SpecError before Ray starts
     store = Path(store or daemon.default_store()).expanduser().resolve()
     say = (lambda message: print(message, file=sys.stderr, flush=True)) if progress else (lambda _: None)
-    with embedded_coordinator(store, num_cpus=num_cpus, plugin_dirs=[str(d) for d in plugin_dirs],
-                              data_dir=str(data_dir) if data_dir else None, say=say, **options):
+    with run_coordinator(store, address=address, num_cpus=num_cpus, plugin_dirs=[str(d) for d in plugin_dirs],
+                         data_dir=str(data_dir) if data_dir else None, say=say, **options) as target:
         sub = call_coordinator("submit", data, priority, source, rerun)
         if progress:
             print(f"{sub['experiment']}: {sub['jobs']} job(s), {sub['new']} new, {sub['reused']} reused from the "
                   f"store, {sub['rerun']} rerun", file=sys.stderr)
         Experiment(sub["experiment"], _Daemon(), sub).wait(progress)
-    return Experiment(sub["experiment"], _StoreFile(store), submission=sub)
+    source = _StoreFile(target.store) if target.started else _Daemon(address)
+    return Experiment(sub["experiment"], source, submission=sub)

@@ -219,7 +219,14 @@ def cmd_daemon(args) -> int:
             ray.kill(daemon.coordinator())
             print("coordinator stopped")
             return 0
-        print("local daemon stopped" if daemon.stop_local_daemon() else "no local daemon was running")
+        state = daemon.read_state()
+        if daemon.stop_local_daemon():
+            print("local daemon stopped")
+        elif state:  # it died without `daemon stop`: stop_local_daemon cleaned up after it
+            print(f"the local daemon (pid {state['pid']}) had already stopped without `l2cluster daemon stop`; "
+                  f"cleaned up what it left (see {daemon.home() / 'daemon.log'})")
+        else:
+            print("no local daemon was running")
         return 0
     daemon.connect(args.address)
     info = _daemon_call("ping")
@@ -582,24 +589,26 @@ def cmd_store_check(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """The embedded default: a local Ray, a coordinator, the whole sweep, the results, a clean shutdown."""
+    """The embedded default: a local Ray, a coordinator, the whole sweep, the results, a clean shutdown. With
+    --address, RAY_ADDRESS or inside a Ray job: that cluster instead (l2cluster.api.run_coordinator)."""
     import ray
 
     from l2cluster import daemon
-    from l2cluster.api import embedded_coordinator
+    from l2cluster.api import run_coordinator
     from l2cluster.spec import read_spec_file
 
     spec = read_spec_file(args.spec)
     store = Path(args.store or daemon.default_store()).resolve()
     t0 = time.perf_counter()
     # Say what is happening from the first second: Ray and the coordinator take a few seconds each to start.
-    with embedded_coordinator(store, num_cpus=args.num_cpus, plugin_dirs=args.plugin_dir or [],
-                              data_dir=args.data_dir, idle_release_s=args.idle_release_s,
-                              strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir,
-                              max_jobs=args.max_jobs, max_pack=args.max_pack,
-                              say=lambda message: print(message, file=sys.stderr, flush=True)):
+    with run_coordinator(store, address=args.address, num_cpus=args.num_cpus, plugin_dirs=args.plugin_dir or [],
+                         data_dir=args.data_dir, idle_release_s=args.idle_release_s,
+                         strategy=args.placement_strategy, checkpoint_dir=args.checkpoint_dir,
+                         max_jobs=args.max_jobs, max_pack=args.max_pack,
+                         say=lambda message: print(message, file=sys.stderr, flush=True)) as target:
+        store = target.store
         sub = _daemon_call("submit", spec, args.priority, args.spec, args.rerun)
-        print(f"{sub['experiment']}: {sub['jobs']} job(s) on a local Ray with "
+        print(f"{sub['experiment']}: {sub['jobs']} job(s) on {target.where} with "
               f"{int(ray.cluster_resources().get('CPU', 0))} CPU(s)", file=sys.stderr)
         _say_reused(sub)
         code = _wait_and_report(sub["experiment"])
@@ -704,7 +713,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "ok, exit code 0; or one line per problem, exit code 1; a file that is not a readable store "
                     "is exit code 2.", "l2cluster store check --store ~/.local/state/l2cluster/store.db"),
     "run": ("Run a spec on an embedded local Ray: start it, train every job, print the results, shut down. The "
-            "store keeps the results for `results`, `report` and `status` with --store.",
+            "store keeps the results for `results`, `report` and `status` with --store. With --address, RAY_ADDRESS "
+            "or inside a Ray job (`ray job submit -- l2cluster run spec.yaml`): on that cluster, no nested Ray.",
             "l2cluster run jobs/quickstart.yaml --data-dir ../shared/data/mnist"),
     "train": ("Train a spec's jobs one after another in this process, without Ray (the debugging path).",
               "l2cluster train jobs/reference.yaml --limit 1 --device cpu"),
@@ -867,6 +877,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=_priority, default=0)
     _rerun_option(p)
     daemon_options(p, "~/.local/state/l2cluster/store.db")
+    p.add_argument("--address", help="run on this Ray cluster (else RAY_ADDRESS; inside a Ray job, the job's cluster; "
+                   "else an embedded local Ray): its running coordinator if it has one, else one for this run")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("store", help="back up or check the store file")

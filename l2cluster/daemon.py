@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -93,13 +94,25 @@ def start_local_ray(num_cpus: int | None = None) -> None:
 
 
 def connect(address: str | None = None) -> None:
-    """Connect this process to the daemon's cluster: --address, else RAY_ADDRESS, else the local daemon."""
+    """Connect this process to the daemon's cluster: --address, else RAY_ADDRESS, else the local daemon.
+
+    A dead daemon is a DaemonError within seconds, never a hang in ray.init(): a local daemon whose host process is
+    gone (its stale state file and leftover processes are cleaned up), or a cluster whose port refuses or does not
+    answer a TCP connection."""
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or (read_state() or {}).get("address")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and (state := read_state()):
+        if not _alive(state["pid"]):
+            clean_up_dead_daemon(state)
+            raise DaemonError(f"the local daemon (pid {state['pid']}) is not running: it stopped without `l2cluster "
+                              f"daemon stop` (see {home() / 'daemon.log'}); start it again with `l2cluster daemon "
+                              "start`")
+        address = state["address"]
     if not address:
         raise DaemonError("no daemon to talk to: start one with `l2cluster daemon start`, or pass --address "
                           "(or set RAY_ADDRESS) for a daemon on an existing Ray cluster")
+    probe(address)
     ensure_auth_token()
     host = address.removeprefix("ray://").rsplit(":", 1)[0]
     if host in ("127.0.0.1", "localhost") or host.startswith("127."):  # a local daemon's head
@@ -124,6 +137,26 @@ def connect(address: str | None = None) -> None:
                 time.sleep(2.0)
                 continue
             raise DaemonError(f"cannot reach the Ray cluster at {address}: {e}") from None
+
+
+def probe(address: str, timeout_s: float = 5.0) -> None:
+    """A TCP connection to the cluster's GCS (or Ray Client) port within `timeout_s`, else a DaemonError: ray.init()
+    on an address where nothing answers retries for minutes. "auto" (a Ray job's own cluster) is left to Ray."""
+    hostport = address.removeprefix("ray://")
+    if address == "auto" or "://" in hostport or ":" not in hostport:
+        return
+    host, port = hostport.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except ValueError:
+        return  # not host:port; ray.init() says what is wrong with it
+    except TimeoutError:
+        raise DaemonError(f"cannot reach the Ray cluster at {address}: no answer within {timeout_s:.0f} s; check "
+                          "the address and that the cluster is up") from None
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        raise DaemonError(f"cannot reach the Ray cluster at {address}: {reason}; check the address and that the "
+                          "cluster is up (a local daemon: `l2cluster daemon start`)") from None
 
 
 def coordinator():
@@ -158,8 +191,10 @@ def spawn_local_daemon(store: Path, *, plugin_dirs=(), data_dir: str | None, idl
                        max_jobs: int = DEFAULT_MAX_JOBS, max_pack: int | None = None,
                        timeout_s: float = 90.0) -> dict:
     """Start `python -m l2cluster.daemon` in its own session and wait for it to publish its address."""
-    if (state := read_state()) and _alive(state["pid"]):
-        return state
+    if state := read_state():
+        if _alive(state["pid"]):
+            return state
+        clean_up_dead_daemon(state)
     home().mkdir(parents=True, exist_ok=True)
     _state_file().unlink(missing_ok=True)
     ensure_auth_token()
@@ -186,9 +221,12 @@ def spawn_local_daemon(store: Path, *, plugin_dirs=(), data_dir: str | None, idl
 
 
 def stop_local_daemon(timeout_s: float = 60.0) -> bool:
-    """SIGTERM the local daemon's host process (by its PID) and wait for it; False when none runs."""
+    """SIGTERM the local daemon's host process (by its PID) and wait for it; False when none runs (what a dead one
+    left behind is cleaned up)."""
     state = read_state()
     if not state or not _alive(state["pid"]):
+        if state:
+            clean_up_dead_daemon(state)
         _state_file().unlink(missing_ok=True)
         return False
     os.kill(state["pid"], signal.SIGTERM)
@@ -198,6 +236,40 @@ def stop_local_daemon(timeout_s: float = 60.0) -> bool:
     if _alive(state["pid"]):
         raise DaemonError(f"the daemon (pid {state['pid']}) did not stop within {timeout_s:.0f} s")
     return True
+
+
+def session_processes(sid: int) -> list[int]:
+    """The live (non-zombie) processes of session `sid`, this one excepted."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:  # after the name: state, ppid, pgrp, session
+            pids.append(int(entry.name))
+    return pids
+
+
+def clean_up_dead_daemon(state: dict, timeout_s: float = 10.0) -> list[int]:
+    """After the host process of a local daemon died without `daemon stop` (SIGKILL, OOM): SIGKILL what is left of
+    its Ray (agents and workers outlive the GCS and raylet for a while) and remove its state file. The host ran
+    in a session of its own (spawn_local_daemon), so what it started is exactly the rest of that session; a
+    session id is not reused while any process of it lives. Returns the PIDs killed."""
+    sid = state.get("session", state["pid"])
+    killed: list[int] = []
+    deadline = time.time() + timeout_s
+    while not _alive(state["pid"]) and (pids := session_processes(sid)) and time.time() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.1)
+    if (read_state() or {}).get("pid") == state["pid"]:
+        _state_file().unlink(missing_ok=True)
+    return sorted(set(killed))
 
 
 def _alive(pid: int) -> bool:
@@ -241,7 +313,8 @@ def host_main(argv=None) -> int:
                                    idle_release_s=args.idle_release_s, strategy=args.placement_strategy,
                                    checkpoint_dir=args.checkpoint_dir, max_jobs=args.max_jobs,
                                    max_pack=args.max_pack, detached=False)
-        state = {"pid": os.getpid(), "address": ray.get_runtime_context().gcs_address, "store": args.store}
+        state = {"pid": os.getpid(), "session": os.getsid(0), "address": ray.get_runtime_context().gcs_address,
+                 "store": args.store}
         tmp = _state_file().with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(_state_file())

@@ -1,0 +1,76 @@
+"""Ray's Jobs API: `ray job submit --working-dir DIR -- l2cluster run spec.yaml` on a real `ray start` head (with its
+dashboard, on 127.0.0.1) trains on that cluster: the job's `run` finds the cluster through RAY_ADDRESS, starts a
+coordinator there for the run (no nested Ray), and stops it at the end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from test_cluster import RAY, RayNode, free_port
+
+from l2cluster.store import Store
+
+pytestmark = pytest.mark.slow
+
+SPEC = {"name": "ray-job", "model": {"hidden_sizes": [16]},
+        "data": {"batch_size": 50, "val_size": 100, "train_size": 300},
+        "optimizer": {"name": "adam", "lr": 0.01}, "epochs": 1, "sweep": {"seeds": [0, 1]}}
+
+
+@pytest.fixture
+def head():
+    """A one-node cluster: `ray start --head` with the dashboard (the Jobs API's server) on 127.0.0.1."""
+    pytest.importorskip("aiohttp", reason="the Jobs API needs ray[default]: pip install 'l2cluster[cluster]'")
+    root = Path(tempfile.mkdtemp(prefix="l2c-jobs-", dir="/tmp"))  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1",
+                "L2CLUSTER_HOME": str(root / "home"),
+                # the job's entrypoint finds `l2cluster` (and `ray`) on the PATH the node was started with
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
+    port, dashboard = free_port(), free_port()
+    node = RayNode("head", [RAY], ["--head", "--port", str(port), "--ray-client-server-port", str(free_port()),
+                                   "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                                   "--dashboard-port", str(dashboard), "--num-cpus", "2"], env, root)
+    try:
+        node.wait_started()
+        yield {"root": root, "env": env, "node": node, "gcs": f"127.0.0.1:{port}",
+               "dashboard": f"http://127.0.0.1:{dashboard}"}
+    finally:
+        node.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    assert not node.pids(), f"the head left processes behind: {node.pids()}"
+
+
+def test_ray_job_submit_runs_l2cluster_run_on_the_cluster(head, mnist_dir):
+    workdir = head["root"] / "workdir"
+    workdir.mkdir()
+    (workdir / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    store = head["root"] / "store.db"
+    out = subprocess.run([RAY, "job", "submit", "--address", head["dashboard"], "--working-dir", str(workdir), "--",
+                          "l2cluster", "run", "spec.yaml", "--data-dir", str(mnist_dir), "--store", str(store)],
+                         env=head["env"], capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0 and "succeeded" in log, log[-5000:]
+    assert "starting a coordinator there for this run" in log and "starting a local Ray" not in log, log[-5000:]
+
+    # The jobs ran on this cluster's one node, by a coordinator on it, in the store given.
+    (experiment,) = [e["id"] for e in Store(store).experiments()]
+    jobs = Store(store).jobs(experiment)
+    assert [j["state"] for j in jobs] == ["succeeded"] * 2
+    node_id = subprocess.run([sys.executable, "-c", "import sys, ray; ray.init(address=sys.argv[1], "
+                              "logging_level='ERROR', log_to_driver=False); print(ray.nodes()[0]['NodeID'])",
+                              head["gcs"]], env=head["env"], capture_output=True, text=True, timeout=120)
+    assert node_id.returncode == 0, node_id.stderr[-3000:]
+    assert all(j["node"].endswith("/" + node_id.stdout.strip()[:6]) for j in jobs), [j["node"] for j in jobs]
+    from ray.util.state import list_actors
+
+    coordinators = list_actors(address=head["dashboard"], filters=[("class_name", "=", "Coordinator")])
+    # One coordinator on this cluster, started for the run and gone with it.
+    assert [a.state for a in coordinators] == ["DEAD"], coordinators
