@@ -5,12 +5,20 @@ is intact, and a job whose checkpoints cannot be written trains on to the same r
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from support import config, registry, synthetic_splits
 
 from l2cluster.checkpoint import CheckpointWriteError, JobCheckpoints
+from l2cluster.packing import pack_id
+from l2cluster.runner import Member, _resume, run_pack
 
 JOB = "0123456789abcdef"
 
@@ -75,6 +83,123 @@ def test_a_read_only_disk_names_the_file_whether_or_not_the_folder_exists(tmp_pa
                            rf"{disk}/fedcba9876543210/epoch-00001\.rank-0\.pt: \[Errno 30\] Read-only file system"):
             other.save(1, {"epoch": 1})
         assert other.epochs() == []
+
+
+def fill(directory: Path) -> Path:
+    """Write a file into `directory` until its file system is full; returns the file."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    return filler
+
+
+TIMINGS = {"train_s", "epoch_s"}
+
+
+def comparable(result: dict) -> dict:
+    return {**result, "final": {k: v for k, v in result["final"].items() if k not in TIMINGS},
+            "epochs": [{k: v for k, v in e.items() if k not in TIMINGS} for e in result["epochs"]]}
+
+
+def test_a_pack_trains_on_through_a_full_disk_says_so_and_says_when_it_writes_again(tmp_path):
+    """Epoch 1 is written; the disk is then filled, so epoch 2's checkpoint fails; after epoch 2 it is emptied, so
+    epoch 3's is written. The members end exactly as twins that never checkpointed."""
+    members = [Member(f"{k:016x}", config(epochs=5, seed=k, model={"hidden_sizes": [32]},
+                                               regularizers=[{"name": "dropout", "p": 0.1}]))
+               for k in (1, 2)]
+    twin = run_pack(members, synthetic_splits(), registry(), device=torch.device("cpu")).results
+    with tmpfs(tmp_path / "disk", size="8m") as disk:
+        notes, written = [], []
+        ckpt = JobCheckpoints(disk, pack_id([m.job_id for m in members]), rank=0)
+        filler = []
+
+        def on_epoch(job_id, epoch, metrics):
+            if job_id != members[0].job_id:
+                return
+            written.append(ckpt.epochs())
+            if epoch == 1:
+                filler.append(fill(disk))
+            if epoch == 2:
+                filler.pop().unlink()
+
+        run = run_pack(members, synthetic_splits(), registry(), device=torch.device("cpu"), checkpoint_dir=str(disk),
+                       on_epoch=on_epoch, on_note=lambda ids, text: notes.append((ids, text)))
+        assert written[:4] == [[1], [1], [1, 3], [3, 4]], notes  # epoch 5, the last, is never checkpointed
+        assert not ckpt.dir.exists()  # removed when the pack ended
+    ids = [m.job_id for m in members]
+    path = disk / ckpt.dir.name
+    assert notes == [
+        (ids, f"checkpoint of epoch 2 not written (cannot write checkpoint {path}/epoch-00002.rank-0.pt: [Errno 28] No "
+              "space left on device); training goes on without checkpoints, trying again after every epoch"),
+        (ids, f"checkpoints written again from epoch 3 ({path}/epoch-00003.rank-0.pt)")]
+    for m in members:
+        assert comparable(run.results[m.job_id]) == comparable(twin[m.job_id])
+
+
+class _Offered:
+    """A rank's checkpoints as _resume sees them: the epochs it has (load is never the point here)."""
+
+    def __init__(self, epochs):
+        self._epochs = epochs
+
+    def epochs(self):
+        return self._epochs
+
+    def load(self, epoch):
+        return {"epoch": epoch}
+
+
+class _Loads:
+    def load_state_dict(self, state):
+        self.loaded = state["epoch"]
+
+
+def _rank_main(rank: int, world: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    try:
+        member = Member("00000000000000aa", config(epochs=5, model={"hidden_sizes": [16]}))
+        disks = [Path(out) / "disk0", Path(out) / "disk1"]  # rank 1's is the tmpfs: its own storage
+        seen, notes = [], []
+
+        def on_epoch(job_id, epoch, metrics):  # rank 0, after every rank's write of `epoch`
+            seen.append([JobCheckpoints(d, member.job_id, r).epochs() for r, d in enumerate(disks)])
+            if epoch in (1, 2):  # rank 1 cannot write epoch 2's checkpoint; epoch 3's again
+                subprocess.run(["mount", "-o", "remount," + ("ro" if epoch == 1 else "rw"), str(disks[1])], check=True)
+
+        run = run_pack([member], synthetic_splits(), registry(), device=torch.device("cpu"),
+                       checkpoint_dir=str(disks[rank]), rank=rank, world=world, on_epoch=on_epoch,
+                       on_note=lambda ids, text: notes.append([ids, text]))
+        offers = {0: ([2, 4], [3, 4], [], [1, 2]), 1: ([2, 3], [1, 2], [1], [1, 3])}[rank]
+        resumed = [_resume(_Loads(), _Offered(epochs), torch.device("cpu"), world) for epochs in offers]
+        Path(out, f"rank{rank}.json").write_text(json.dumps({
+            "seen": seen, "notes": notes, "resumed": resumed,
+            "final": {k: v for k, v in run.results[member.job_id]["final"].items() if k != "train_s"}}))
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # as in test_ddp: no interpreter teardown racing gloo's threads
+
+
+def test_a_rank_that_cannot_write_says_so_and_no_rank_keeps_that_epoch(tmp_path):
+    """Two gloo ranks, each writing to its own storage; rank 1's goes read-only for epoch 2. Rank 1 notes it and
+    the recovery; rank 0 drops its own epoch-2 file, so both keep exactly the epochs both have. A retried attempt
+    resumes from the newest epoch every rank has."""
+    (tmp_path / "disk0").mkdir()
+    with tmpfs(tmp_path / "disk1", size="4m") as disk:
+        mp.spawn(_rank_main, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["seen"][:4] == [[[1], [1]], [[1], [1]], [[1, 3], [1, 3]], [[3, 4], [3, 4]]]
+    path = disk / "00000000000000aa"
+    assert ranks[0]["notes"] == []
+    assert ranks[1]["notes"] == [
+        [["00000000000000aa"], f"checkpoint of epoch 2 not written (cannot write checkpoint {path}/epoch-00002.rank-1"
+                               ".pt: [Errno 30] Read-only file system); training goes on without checkpoints, trying "
+                               "again after every epoch"],
+        [["00000000000000aa"], f"checkpoints written again from epoch 3 ({path}/epoch-00003.rank-1.pt)"]]
+    assert ranks[0]["resumed"] == ranks[1]["resumed"] == [2, 0, 0, 1]
+    assert ranks[0]["final"] == ranks[1]["final"]
 
 
 def test_the_error_survives_pickling_across_processes():
