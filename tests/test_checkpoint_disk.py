@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from support import config, registry, synthetic_splits
+from support import config, local_daemon, registry, synthetic_splits, wait_for
 
 from l2cluster.checkpoint import CheckpointWriteError, JobCheckpoints
 from l2cluster.packing import pack_id
@@ -208,3 +208,78 @@ def test_the_error_survives_pickling_across_processes():
     error = CheckpointWriteError(28, "No space left on device", "/c/x/epoch-00002.rank-0.pt")
     again = pickle.loads(pickle.dumps(error))
     assert type(again) is CheckpointWriteError and str(again) == str(error) and again.errno == 28
+
+
+def test_a_note_changes_no_state_and_status_shows_the_latest_of_the_current_attempt(tmp_path):
+    from l2cluster.spec import expand, parse_spec
+    from l2cluster.states import JobState
+    from l2cluster.store import Store, experiment_jobs, job_log
+
+    spec = {"name": "n", "optimizer": {"name": "adam"}, "epochs": 1, "sweep": {"seeds": [0, 1]}}
+    jobs = expand(parse_spec(spec, registry()), registry())
+    store = Store(tmp_path / "store.db")
+    store.add_experiment("n-1", "n", spec, jobs)
+    a, b = jobs[0].id, jobs[1].id
+    for state in (JobState.PLACING, JobState.RUNNING):
+        store.transition(a, state)
+    assert store.add_note(a, "first", attempt=1) and store.add_note(a, "second", attempt=1)
+    assert not store.add_note(a, "from an attempt that is over", attempt=0)
+    assert store.job(a)["state"] == "running"
+    shown = {j["job"]: j.get("note") for j in experiment_jobs(store, "n")}
+    assert shown == {a: "second", b: None}
+    assert [(e["from"], e["to"], e["detail"]) for e in job_log(store, a)["events"]][-2:] == [
+        ("running", "running", "first"), ("running", "running", "second")]
+    store.transition(a, JobState.QUEUED, detail="attempt 1 lost")  # the next attempt starts without a note
+    store.transition(a, JobState.PLACING)
+    assert "note" not in experiment_jobs(store, "n")[0]
+    store.close()
+
+
+# A small real job on the daemon: its checkpoints (about 300 kB) do not fit a 64 kB disk.
+DAEMON_JOB = {"model": {"hidden_sizes": [32]}, "data": {"batch_size": 50, "val_size": 500, "train_size": 1000},
+              "optimizer": {"name": "adam", "lr": 0.003}, "regularizers": [{"name": "dropout", "p": 0.1}], "epochs": 3}
+
+
+def test_a_daemon_job_on_a_full_checkpoint_disk_succeeds_as_its_twin_and_says_why(tmp_path, mnist_dir, capsys):
+    import ray
+
+    from l2cluster.cli import main
+    from l2cluster.store import Store
+
+    def run(handle, name):
+        exp = ray.get(handle.submit.remote({"name": name, **DAEMON_JOB}), timeout=60)["experiment"]
+
+        def ended():
+            jobs = ray.get(handle.status.remote(exp), timeout=30)
+            return jobs if all(j["state"] in ("succeeded", "failed") for j in jobs) else None
+
+        return exp, wait_for(ended, f"experiment {name} to end", timeout_s=240)[0]
+
+    store_path = tmp_path / "store.db"
+    disk = tmp_path / "checkpoints"
+    with tmpfs(disk, size="16m"), local_daemon(store_path, num_cpus=2, data_dir=str(mnist_dir),
+                                               checkpoint_dir=str(disk)) as cluster:
+        _, twin = run(cluster["handle"], "disk-twin")  # healthy disk: checkpoints written, nothing to say
+        subprocess.run(["mount", "-o", "remount,size=64k", str(disk)], check=True)
+        exp, job = run(cluster["handle"], "disk-full")
+        log = ray.get(cluster["handle"].logs.remote(job["job"]), timeout=30)
+
+    store = Store.open_read_only(store_path)
+    try:
+        assert twin["state"] == job["state"] == "succeeded" and job["attempts"] == 1
+        assert "note" not in twin
+        outcome = [{k: v for k, v in store.result(j)["final"].items() if k not in TIMINGS} for j in (job["job"],
+                                                                                                      twin["job"])]
+        assert outcome[0] == outcome[1]
+    finally:
+        store.close()
+    expected = (f"checkpoint of epoch 1 not written (cannot write checkpoint {disk}/{job['job']}/epoch-00001.rank-0.pt:"
+                " [Errno 28] No space left on device); training goes on without checkpoints, trying again after every "
+                "epoch")
+    assert job["note"] == expected  # `status` on the daemon
+    assert [e["detail"] for e in log["events"] if e["from"] == e["to"]] == [expected]  # `logs` on the daemon
+    capsys.readouterr()
+    assert main(["status", exp, "--store", str(store_path)]) == 0
+    assert f"note: job {job['job'][:8]}: {expected}" in capsys.readouterr().out
+    assert main(["logs", job["job"], "--store", str(store_path)]) == 0
+    assert f"     note   running   attempt 1  {expected}" in capsys.readouterr().out
