@@ -2,12 +2,15 @@
 
 Layout: `<checkpoint_dir>/<job_id>/epoch-<E>.rank-<R>.pt`, each a `Trainer.state_dict()` of that rank (ranks differ
 in their dropout streams). A file appears whole or not at all (written to a temporary name, then renamed), so a
-rank killed mid-write leaves the previous checkpoint intact. Plain torch: the gang calls it, the trainer never does.
+rank killed mid-write leaves the previous checkpoint intact. A write that the OS refuses (disk full, I/O error,
+read-only file system) raises CheckpointWriteError naming the file and the OS error, and leaves nothing behind.
+Plain torch: the gang calls it, the trainer never does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import shutil
@@ -16,6 +19,16 @@ from pathlib import Path
 import torch
 
 _NAME = re.compile(r"^epoch-(\d+)\.rank-(\d+)\.pt$")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint file could not be written: the OS error (errno, strerror) and the file it was for.
+
+    An OSError with the same errno, so `except OSError` and `e.errno == errno.ENOSPC` work; it pickles with its
+    fields (OSError's own pickling keeps errno, strerror and filename)."""
+
+    def __str__(self) -> str:
+        return f"cannot write checkpoint {self.filename}: [Errno {self.errno}] {self.strerror}"
 
 
 class JobCheckpoints:
@@ -40,24 +53,46 @@ class JobCheckpoints:
         return sorted(int(m[1]) for m in found if m and int(m[2]) == self.rank)
 
     def save(self, epoch: int, state: dict) -> Path:
-        """Write this rank's state after `epoch`, then drop all but the newest `keep` checkpoints."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Write this rank's state after `epoch`, then drop all but the newest `keep` checkpoints.
+
+        Raises CheckpointWriteError when the OS refuses the folder or the file; the earlier checkpoints are then
+        untouched and no partial file is left."""
+        # Serialized in memory first: torch.save straight to a file turns ENOSPC into an opaque RuntimeError from
+        # its zip writer ("unexpected pos …"); plain writes give the OS error.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
         path = self._path(epoch)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        for old in self.epochs()[:-self.keep]:
-            self._path(old).unlink(missing_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it the newest checkpoint
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise CheckpointWriteError(e.errno, e.strerror or str(e), str(path)) from e
+        with contextlib.suppress(OSError):  # an old file left behind is harmless: the job's folder goes at its end
+            for old in self.epochs()[:-self.keep]:
+                self._path(old).unlink(missing_ok=True)
         return path
+
+    def discard(self, epoch: int) -> None:
+        """Delete this rank's checkpoint of `epoch` (another rank failed to write its own: no resume can use it)."""
+        self._path(epoch).unlink(missing_ok=True)
 
     def load(self, epoch: int) -> dict:
         # weights_only: a checkpoint is tensors, numbers, strings, lists and dicts; never unpickle code from disk.
         return torch.load(self._path(epoch), map_location="cpu", weights_only=True)
 
     def remove(self) -> None:
-        """Delete this rank's files; the job's folder goes with the last rank's."""
-        for epoch in self.epochs():
-            self._path(epoch).unlink(missing_ok=True)
+        """Delete this rank's files; the job's folder goes with the last rank's. Never raises: a file the OS will not
+        delete (a read-only or failing disk) is left for the coordinator's clean-up (remove_job)."""
+        with contextlib.suppress(OSError):
+            for epoch in self.epochs():
+                self._path(epoch).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # other ranks' files (or their temporary files) are still there
             self.dir.rmdir()
 

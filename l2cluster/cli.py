@@ -361,7 +361,7 @@ def _error_cell(error: str | None, width: int = 60) -> str:
 
 
 def cmd_status(args) -> int:
-    from l2cluster.store import experiment_rows, job_dict
+    from l2cluster.store import experiment_jobs, experiment_rows
 
     if args.experiment is None:
         experiments = _read(args, experiment_rows, lambda: _daemon_call("status"))
@@ -369,13 +369,15 @@ def cmd_status(args) -> int:
                  " ".join(f"{k}={v}" for k, v in sorted(e["counts"].items()))) for e in experiments]
         _print_rows(args.format, ("experiment", "priority", "submitted", "jobs"), rows, experiments)
         return 0
-    def from_store(store):
-        return [job_dict(r) for r in store.jobs(store.resolve_experiment(args.experiment))]
-
-    jobs = _read(args, from_store, lambda: _daemon_call("status", args.experiment))
+    jobs = _read(args, lambda store: experiment_jobs(store, args.experiment),
+                 lambda: _daemon_call("status", args.experiment))
     rows = [(j["job"], j["label"] or "-", j["seed"], j["state"], j["epoch"], j["attempts"], _pack_cell(j),
              j["node"] or "-") for j in jobs]
     _print_rows(args.format, ("job", "variant", "seed", "state", "epoch", "attempts", "pack", "node"), rows, jobs)
+    if args.format == "table":  # whole, under the table: a note names a file and an OS error
+        for j in jobs:
+            if j.get("note"):
+                print(f"note: job {j['job'][:8]}: {j['note']}")
     return 0
 
 
@@ -539,7 +541,8 @@ def cmd_logs(args) -> int:
         print("plugins: " + ", ".join(f"{name} {version}" for name, version in sorted(plugins.items())))
     for e in info["events"]:
         at = time.strftime("%H:%M:%S", time.localtime(e["at"]))
-        print(f"{at}  {e['from'] or '-':>9} → {e['to']:<9} attempt {e['attempt']}  {e['detail'] or ''}".rstrip())
+        change = f"{'note':>9}   {e['to']:<9}" if e["from"] == e["to"] else f"{e['from'] or '-':>9} → {e['to']:<9}"
+        print(f"{at}  {change} attempt {e['attempt']}  {e['detail'] or ''}".rstrip())
     for m in info["epochs"]:
         print("epoch " + " ".join(f"{k}={_round(v)}" for k, v in m.items() if k != "epoch") + f" [{m['epoch']}]")
     if info["result"] and info["result"]["final"].get("eager_reason"):

@@ -29,7 +29,7 @@ from l2cluster.gang import Gang, GangShape, remove_orphaned_placement_groups
 from l2cluster.log import configure_logging, get_logger
 from l2cluster.packing import ASSUMED_GPU_BYTES, max_members, pack_id, take_pack
 from l2cluster.states import JobState
-from l2cluster.store import Store, experiment_rows, job_dict, job_log
+from l2cluster.store import Store, experiment_jobs, experiment_rows, job_dict, job_log
 
 _TICK_S = 0.05
 _CRASH_GRACE_S = 10.0  # how long the other ranks may take to notice a crashed rank before the gang is dropped
@@ -137,7 +137,7 @@ class Coordinator:
         self._ensure_loop()
         if experiment_id is None:
             return experiment_rows(self.store)
-        jobs = [job_dict(r) for r in self.store.jobs(self.store.resolve_experiment(experiment_id))]
+        jobs = experiment_jobs(self.store, experiment_id)
         for job in jobs:  # running and placing jobs: how far they are, from memory (`live`)
             running = self.running.get(job["job"])
             if running is not None:
@@ -218,6 +218,13 @@ class Coordinator:
         for job_id in job_ids:
             if job_id in self.running:
                 self.live.setdefault(job_id, {}).update(epoch=epoch, step=step, steps=num_steps)
+
+    async def report_note(self, job_ids: list[str], attempt: int, text: str) -> None:
+        """A rank of a pack says something about its run that changes no state (a checkpoint it could not write, and
+        when it writes them again): a note in each member's log, the latest shown by `status`."""
+        for job_id in job_ids:
+            if self.store.add_note(job_id, text, attempt=attempt):  # False: unknown job, or a stale attempt
+                self.log.warning("job_note", job_id=job_id, attempt=attempt, note=text)
 
     async def report_result(self, job_id: str, attempt: int, result: dict) -> None:
         """A pack member ended while its pack trains on (diverged, failed by a plugin, cancelled): record it now."""

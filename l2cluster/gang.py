@@ -123,7 +123,8 @@ class RankWorker:
     def run(self, pack_id: str, members: list[tuple[str, dict]], attempt: int, coordinator,
             checkpoint_dir: str | None = None, done: list[str] = ()) -> dict:
         """Train one pack (one job: a pack of one) through the job runner; rank 0 reports each member's epochs
-        and early results to the coordinator. Never raises: a crash is a result.
+        and early results to the coordinator, any rank its notes (a checkpoint not written). Never raises: a crash
+        is a result.
 
         Returns {"results": {job_id: result}, "resumed_from_epoch", "split"}, or {"error", "traceback"} when the
         run crashed outside the trainer's own handling."""
@@ -155,6 +156,9 @@ class RankWorker:
             def cancelled():
                 return True if self.cancel_all.is_set() else self.cancelled_jobs
 
+            def on_note(job_ids, text):  # any rank: each writes its own checkpoint file
+                coordinator.report_note.remote(job_ids, attempt, text)
+
             last_progress = [0.0]
 
             def on_progress(job_ids, epoch, step, num_steps):
@@ -166,7 +170,7 @@ class RankWorker:
 
             run = run_pack(pack, self.splits[key], self.registry, device=device, checkpoint_dir=checkpoint_dir,
                            rank=self.rank, world=self.world, done=set(done), on_epoch=on_epoch, on_result=on_result,
-                           cancelled=cancelled, on_progress=on_progress, log=log)
+                           cancelled=cancelled, on_progress=on_progress, on_note=on_note, log=log)
             out = {"results": run.results, "resumed_from_epoch": run.resumed_from_epoch, "split": run.split}
         except Exception as e:  # a crashing job must not take the gang or the daemon down
             log.error("job_crashed", error=f"{type(e).__name__}: {e}")

@@ -8,6 +8,10 @@ A plugin hook that raises fails a whole stack (the trainer cannot tell which mem
 A pack then splits: every member whose outcome is not yet known trains again alone, from its own checkpoints,
 so the member whose plugin fails ends alone and the others' results equal those of solo runs.
 
+A checkpoint the OS refuses to write (disk full, I/O error, read-only) does not stop the pack: it trains on without
+that checkpoint, tries again after the next epoch, and says so through `on_note` (the first failure, and the first
+write that succeeds again). An epoch some rank could not write is a checkpoint on no rank.
+
 Plain PyTorch: it never imports ray (the gang passes callbacks that talk to the coordinator).
 """
 
@@ -20,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from l2cluster.checkpoint import JobCheckpoints
+from l2cluster.checkpoint import CheckpointWriteError, JobCheckpoints
 from l2cluster.packing import pack_id as make_pack_id
 from l2cluster.plugin import HookError
 from l2cluster.trainer import RunResult, Trainer
@@ -69,6 +73,7 @@ def run_pack(
     on_result: Callable[[str, dict], None] | None = None,
     cancelled: Callable[[], bool | Collection[str]] | None = None,
     on_progress: Callable[[list[str], int, int, int], None] | None = None,
+    on_note: Callable[[list[str], str], None] | None = None,
     log=None,
 ) -> PackRun:
     """Train `members` as one pack on this rank; returns every member's result.
@@ -78,11 +83,13 @@ def run_pack(
     `cancelled()` is asked before every step: True stops the pack, a collection of job ids stops those members.
     `on_progress(job_ids, epoch, step, num_steps)` is called after every step on rank 0 (throttle it there).
     With `checkpoint_dir` every rank saves the pack's state after each epoch but the last under the pack's id,
-    and a later run of the same members resumes from the newest epoch every rank has."""
+    and a later run of the same members resumes from the newest epoch every rank has. `on_note(job_ids, text)` is
+    called on whichever rank could not write its checkpoint (and when it writes one again), for the members
+    still training."""
     ids = [m.job_id for m in members]
     run = _train(members, splits, registry, device=device, checkpoint_dir=checkpoint_dir, rank=rank, world=world,
                  done=done, on_epoch=on_epoch, on_result=on_result, cancelled=cancelled, on_progress=on_progress,
-                 log=log)
+                 on_note=on_note, log=log)
     if run.split:
         for m in members:
             if m.job_id in run.results or m.job_id in done:
@@ -91,13 +98,13 @@ def run_pack(
                 log.info("pack_split_member", job_id=m.job_id, pack=make_pack_id(ids)[:8])
             solo = _train([m], splits, registry, device=device, checkpoint_dir=checkpoint_dir, rank=rank,
                           world=world, done=(), on_epoch=on_epoch, on_result=on_result, cancelled=cancelled,
-                          on_progress=on_progress, log=log)
+                          on_progress=on_progress, on_note=on_note, log=log)
             run.results.update(solo.results)
     return run
 
 
 def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, done, on_epoch, on_result, cancelled,
-           on_progress, log) -> PackRun:
+           on_progress, on_note, log) -> PackRun:
     ids = [m.job_id for m in members]
     configs = [m.config for m in members]
     pid = make_pack_id(ids)
@@ -124,6 +131,12 @@ def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, do
     reported = set(done)
     run = PackRun(resumed_from_epoch=resumed)
 
+    def note(text: str) -> None:  # about the members still training
+        if on_note is not None:
+            on_note([j for k, j in enumerate(ids) if trainer.alive[k] and j not in done], text)
+
+    saver = _EpochCheckpoints(ckpt, device, world, log, note)
+
     def report_ended() -> None:
         # Members that ended early (diverged, failed by a plugin's NaN, cancelled) are reported at once: their
         # job is over while the others go on.
@@ -138,9 +151,7 @@ def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, do
 
     def epoch_done(epoch: int, metrics: list[dict]) -> None:
         if ckpt is not None and epoch < epochs and any(metrics):
-            ckpt.save(epoch, trainer.state_dict())
-            if world > 1:  # every rank's file is on disk before the epoch counts as done
-                dist.barrier()
+            saver.save(epoch, trainer.state_dict())
         if rank == 0 and on_epoch is not None:
             for k, m in enumerate(metrics):
                 if m and ids[k] not in done:
@@ -184,6 +195,43 @@ def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, do
     return run
 
 
+class _EpochCheckpoints:
+    """This rank's checkpoint after each epoch, where a write the OS refuses is logged and noted, never fatal.
+
+    Noted once when writes start failing and once when one succeeds again (a full disk fails every epoch; the log
+    has each). With several ranks an epoch counts only if every rank wrote it: the others delete theirs, so
+    each rank keeps the newest epoch they all have, which is where a retried attempt resumes."""
+
+    def __init__(self, ckpt: JobCheckpoints, device, world: int, log, note: Callable[[str], None]):
+        self.ckpt, self.device, self.world, self.log, self.note = ckpt, device, world, log, note
+        self.failing = False
+
+    def save(self, epoch: int, state: dict) -> None:
+        try:
+            path = self.ckpt.save(epoch, state)
+        except CheckpointWriteError as e:
+            written = False
+            if self.log is not None:
+                self.log.warning("checkpoint_not_written", epoch=epoch, path=e.filename,
+                                 error=f"[Errno {e.errno}] {e.strerror}")
+            if not self.failing:
+                self.note(f"checkpoint of epoch {epoch} not written ({e}); training goes on without checkpoints, "
+                          "trying again after every epoch")
+            self.failing = True
+        else:
+            written = True
+            if self.failing:
+                if self.log is not None:
+                    self.log.info("checkpoint_written_again", epoch=epoch, path=str(path))
+                self.note(f"checkpoints written again from epoch {epoch} ({path})")
+            self.failing = False
+        if self.world > 1:  # every rank's write is over before the epoch counts as done (a barrier that also tells)
+            every = torch.tensor([int(written)], device=self.device)
+            dist.all_reduce(every, op=dist.ReduceOp.MIN)
+            if written and not every.item():
+                self.ckpt.discard(epoch)
+
+
 def _eager_reason(trainer: Trainer) -> str:
     """Why a run on a GPU trained without CUDA graphs (same results, slower)."""
     return getattr(trainer, "graphs_off_reason", None) or trainer.graph_error or "not possible for this stack"
@@ -193,13 +241,19 @@ def _resume(trainer: Trainer, ckpt: JobCheckpoints, device, world: int) -> int:
     """Load the newest checkpoint every rank has (0: none, start from scratch); ranks agree on the epoch."""
     epochs = ckpt.epochs()
     epoch = epochs[-1] if epochs else 0
-    if world > 1:
+    # Each round every rank offers its newest epoch at most the agreed one, until all have it. The loop ends on
+    # values every rank shares (after the all_reduce), so all ranks run the same collectives.
+    while world > 1:
         agreed = torch.tensor([epoch], device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         epoch = int(agreed.item())
+        if not epoch:
+            break
         have = torch.tensor([int(epoch in epochs)], device=device)
         dist.all_reduce(have, op=dist.ReduceOp.MIN)
-        epoch = epoch if have.item() else 0
+        if have.item():
+            break
+        epoch = max((e for e in epochs if e < epoch), default=0)
     if epoch:
         trainer.load_state_dict(ckpt.load(epoch))
     return epoch

@@ -275,6 +275,18 @@ class Store:
                        (job_id, epoch, attempts, json.dumps(metrics, sort_keys=True)))
             db.execute("UPDATE jobs SET epoch = ? WHERE id = ?", (epoch, job_id))
 
+    def add_note(self, job_id: str, detail: str, *, attempt: int) -> bool:
+        """Record something about a job's run that changes nothing in its state (a checkpoint not written): an event
+        from its state to the same state, which `logs` lists and `status` shows (the latest of the attempt). A note
+        of an attempt other than the job's current one is stale and dropped; returns whether it was recorded."""
+        with self._tx() as db:
+            row = db.execute("SELECT state, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["attempts"] != attempt:
+                return False
+            db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
+                       (job_id, time.time(), row["state"], row["state"], attempt, detail))
+        return True
+
     def start_pack(self, pack_id: str, job_ids: list[str]) -> None:
         """Record a pack's members (in training order) and put each member into it, in one transaction. Starting
         an existing pack again (a retry) keeps its first record."""
@@ -372,6 +384,16 @@ class Store:
             raise KeyError(f"no {kind} {text!r}; {hint}")
         shown = ", ".join(ids[:5]) + (", …" if len(ids) > 5 else "")
         raise KeyError(f"{kind} prefix {text!r} is ambiguous: it matches {shown}; give more of the id")
+
+    def notes(self, experiment_id: str) -> dict[str, str]:
+        """Job id → the latest note (add_note) of the job's current attempt, for the jobs of an experiment that
+        have one."""
+        rows = self._db.execute(
+            "SELECT events.job_id, events.detail FROM experiment_jobs JOIN jobs ON jobs.id = experiment_jobs.job_id "
+            "JOIN events ON events.job_id = jobs.id AND events.attempt = jobs.attempts "
+            "AND events.old_state = events.new_state WHERE experiment_jobs.experiment_id = ? ORDER BY events.rowid",
+            (experiment_id,)).fetchall()
+        return {job_id: detail for job_id, detail in rows}
 
     def events(self, job_id: str) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM events WHERE job_id = ? ORDER BY rowid", (job_id,)).fetchall()
@@ -620,6 +642,17 @@ def experiment_rows(store: Store) -> list[dict]:
     """Every experiment with its job counts by state."""
     return [{"experiment": e["id"], "priority": e["priority"], "submitted_at": e["submitted_at"],
              "counts": store.counts(e["id"])} for e in store.experiments()]
+
+
+def experiment_jobs(store: Store, experiment: str) -> list[dict]:
+    """An experiment's (id or unique prefix) jobs as `status` shows them, each with its latest note if it has one."""
+    experiment_id = store.resolve_experiment(experiment)
+    notes = store.notes(experiment_id)
+    jobs = [job_dict(r) for r in store.jobs(experiment_id)]
+    for job in jobs:
+        if job["job"] in notes:
+            job["note"] = notes[job["job"]]
+    return jobs
 
 
 def job_log(store: Store, job: str) -> dict:
