@@ -1,44 +1,59 @@
-"""Chaos run: SIGKILL ranks and kill the coordinator while an experiment runs; count what was lost.
+"""Chaos run: ≥ 100 injected faults of four kinds while experiments train; count, per kind, what was lost.
 
-Starts a local Ray (127.0.0.1) with a coordinator, runs an experiment of small 1- and 2-rank jobs once without
-interference (the twins), then runs the same configurations again while injecting rank kills (SIGKILL to a
-random rank of a busy gang) and coordinator kills (Ray restarts it). With --max-pack K (default 4) the jobs train
-in packs of up to K members, so a kill hits a whole pack, which must resume with the same members. Prints the
-kills injected, the jobs finished, lost (never reaching a final state with a result: must be 0) and recorded
-twice (more than one final state change: must be 0), and whether every job that was resumed ends with exactly
-its twin's metrics.
+Starts a three-node Ray cluster on this machine (ray.cluster_utils: a head and two worker nodes, 127.0.0.1) with a
+coordinator whose checkpoint directory is a small tmpfs, trains an experiment of small 1- and 2-rank jobs once
+without interference (the twins), then trains the same configurations again, round after round, while it injects
+faults until `--faults` of them have been injected:
 
-    python bench/chaos.py --data-dir ../shared/data/mnist [--rank-kills 20] [--coordinator-kills 2] [--max-pack 4]
+- rank: SIGKILL a random rank of a busy gang (after its pack has made progress since the last kill);
+- coordinator: kill the coordinator actor (Ray restarts it; it re-queues what was in flight);
+- node: remove a worker node that holds a busy gang's rank, then add a fresh node in its place;
+- disk: fill the checkpoint tmpfs to the last byte for a few seconds (checkpoints fail with ENOSPC), then free it.
+
+With --max-pack K (default 4) jobs train in packs of up to K members, so a fault hits a whole pack. Prints a table:
+for each kind, the faults injected and the jobs they hit: finished (a final state with a result), lost (none:
+must be 0), recorded twice (more than one final state: must be 0), and equal to their undisturbed twin (bit for bit
+when packed like the twin; to float32 rounding when the scheduler packed them differently, as the queue the faults
+change decides pack sizes). Disk faults need root (mount); without it they are skipped and said so.
+
+    python bench/chaos.py --data-dir ../shared/data/mnist [--faults 100] [--jobs 16] [--epochs 8] [--max-pack 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import ray
+from ray.cluster_utils import Cluster
 from ray.exceptions import RayActorError, RayError
 
-from l2cluster.daemon import start_coordinator, start_local_ray
+from l2cluster.daemon import NAMESPACE, start_coordinator
 from l2cluster.store import Store
 
 TERMINAL = {"succeeded", "failed", "diverged", "cancelled"}
 TIMINGS = {"train_s", "epoch_s"}
+KINDS = ("rank", "coordinator", "node", "disk")
+SHARES = {"rank": 0.70, "coordinator": 0.06, "node": 0.08, "disk": 0.16}
+NODE_CPUS = 2
 
 
 def spec(name: str, jobs: int, epochs: int) -> dict:
     return {"name": name, "model": {"hidden_sizes": [32]},
             "data": {"batch_size": 20, "val_size": 500, "train_size": 2000},
             "optimizer": {"name": "adam", "lr": 0.003}, "regularizers": [{"name": "dropout", "p": 0.1}],
-            "epochs": epochs, "max_attempts": 50,
+            "epochs": epochs, "max_attempts": 100,
             "sweep": {"seeds": list(range(jobs // 2)), "grid": {"scaling.num_workers": [1, 2]}}}
 
 
@@ -47,13 +62,9 @@ def call(handle, method, *args):
     for _ in range(600):
         try:
             return ray.get(getattr(handle, method).remote(*args), timeout=60)
-        except RayActorError:
+        except (RayActorError, ray.exceptions.GetTimeoutError):
             time.sleep(0.2)
     raise RuntimeError(f"the coordinator did not come back for {method}")
-
-
-def done(handle, experiment) -> bool:
-    return all(j["state"] in TERMINAL for j in call(handle, "status", experiment))
 
 
 def outcome(store: Store, job_id: str):
@@ -79,105 +90,174 @@ def progress(store: Store, gang: dict) -> int:
     return max(store.job(j)["epoch"] for j in gang["jobs"])
 
 
+class Disk:
+    """The checkpoint directory on a small tmpfs of its own, which `fill` fills to the last byte."""
+
+    def __init__(self, path: Path, size_mb: int):
+        self.path = path
+        path.mkdir(parents=True)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(path)],
+                                 capture_output=True, text=True)
+        self.ok = mounted.returncode == 0
+        self.why = mounted.stderr.strip()
+        self.filler = path / ".filler"
+
+    def fill(self) -> None:
+        with open(self.filler, "wb") as f:
+            block = b"\0" * (1 << 20)
+            while True:
+                try:
+                    f.write(block)
+                    f.flush()
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    if len(block) == 1:
+                        return
+                    block = block[:len(block) // 16 or 1]
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def unmount(self) -> None:
+        if self.ok:
+            subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir")
+    p.add_argument("--faults", type=int, default=100, help="faults to inject in all (default 100)")
     p.add_argument("--jobs", type=int, default=16, help="jobs per experiment (half 1-rank, half 2-rank)")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--rank-kills", type=int, default=20)
-    p.add_argument("--coordinator-kills", type=int, default=2)
-    p.add_argument("--every-s", type=float, default=1.0, help="pause between kill attempts")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--every-s", type=float, default=0.7, help="pause between faults")
+    p.add_argument("--disk-hold-s", type=float, default=2.5, help="how long a disk fault keeps the disk full")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-pack", type=int, default=4, help="members per pack (1: every job alone)")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
-    store_path = Path(tempfile.mkdtemp(prefix="l2c-chaos-")) / "store.db"
-    start_local_ray(num_cpus=4)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway cluster on 127.0.0.1
+    work = Path(tempfile.mkdtemp(prefix="l2c-chaos-"))
+    disk = Disk(work / "checkpoints", size_mb=64)
+    kinds = [k for k in KINDS if k != "disk" or disk.ok]
+    plan = [k for k in kinds for _ in range(round(args.faults * SHARES[k] / sum(SHARES[x] for x in kinds)))]
+    plan += ["rank"] * (args.faults - len(plan))
+    rng.shuffle(plan)
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": NODE_CPUS})
+    for _ in range(2):
+        cluster.add_node(num_cpus=NODE_CPUS)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+    store_path = work / "store.db"
     handle = start_coordinator(store_path, data_dir=args.data_dir, idle_release_s=600, detached=False,
-                               max_pack=args.max_pack)
-    store = Store(store_path)
+                               max_pack=args.max_pack, checkpoint_dir=str(disk.path))
+    store = Store.open_read_only(store_path)
+    injected: dict[str, int] = defaultdict(int)
+    hit: dict[str, set[str]] = defaultdict(set)  # kind → jobs it hit
+    ok = False
     try:
         t0 = time.perf_counter()
         twin_exp = call(handle, "submit", spec("twin", args.jobs, args.epochs))["experiment"]
-        while not done(handle, twin_exp):
+        while not all(j["state"] in TERMINAL for j in call(handle, "status", twin_exp)):
             time.sleep(0.2)
         print(f"twins: {args.jobs} jobs without interference in {time.perf_counter() - t0:.1f} s", flush=True)
-        twins = {(j["seed"], tuple(sorted(j["overrides"].items()))): j["job"] for j in call(handle, "status", twin_exp)}
+        key = lambda j: (j["seed"], tuple(sorted(j["overrides"].items())))  # noqa: E731
+        twins = {key(j): j["job"] for j in call(handle, "status", twin_exp)}
 
-        t0 = time.perf_counter()
-        exp = call(handle, "submit", spec("chaos", args.jobs, args.epochs))["experiment"]
-        rank_kills = coordinator_kills = 0
-        last_kill_epoch: dict[str, int] = {}
-        # Coordinator kills are spread among the rank kills.
-        coordinator_at = {round((i + 1) * args.rank_kills / (args.coordinator_kills + 1))
-                          for i in range(args.coordinator_kills)}
-        while not done(handle, exp):
-            time.sleep(args.every_s)
-            if coordinator_kills < args.coordinator_kills and rank_kills in coordinator_at:
-                ray.kill(handle, no_restart=False)
-                coordinator_kills += 1
-                coordinator_at.discard(rank_kills)
-                print(f"  killed the coordinator ({coordinator_kills})", flush=True)
-                continue
-            if rank_kills >= args.rank_kills:
-                continue
-            # Kill mid-run: a job past its first checkpoint (so it must resume, not restart) that has made progress
-            # since it was last killed; jobs not yet killed first, so the kills spread over the experiment.
-            busy = [g for g in call(handle, "gangs_info") if g["busy"] and g["jobs"] and g["ranks"]
-                    and progress(store, g) > max(0, last_kill_epoch.get(g["job"], 0))]
-            if not busy:
-                continue
-            fresh = [g for g in busy if g["job"] not in last_kill_epoch]
-            gang = rng.choice(fresh or busy)
-            last_kill_epoch[gang["job"]] = epoch = progress(store, gang)
-            rank = rng.choice(gang["ranks"])
-            try:
-                os.kill(rank["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            rank_kills += 1
-            print(f"  SIGKILL rank {rank['rank']} (pid {rank['pid']}) of pack {gang['job'][:8]} "
-                  f"({len(gang['jobs'])} job(s)) after epoch {epoch}", flush=True)
+        t0, experiments, last_kill = time.perf_counter(), [], {}
+        while plan:
+            exp = call(handle, "submit", spec(f"chaos-{len(experiments)}", args.jobs, args.epochs))["experiment"]
+            experiments.append(exp)
+            print(f"round {len(experiments)}: {exp}", flush=True)
+            while plan and not all(j["state"] in TERMINAL for j in call(handle, "status", exp)):
+                time.sleep(args.every_s)
+                kind = plan[0]
+                running = [j["job"] for j in call(handle, "status", exp) if j["state"] == "running"]
+                if not running:
+                    continue
+                busy = [g for g in call(handle, "gangs_info") if g["busy"] and g["jobs"] and g["ranks"]]
+                if kind == "coordinator":
+                    ray.kill(handle, no_restart=False)
+                    what = "killed the coordinator"
+                    hit[kind].update(running)
+                elif kind == "disk":
+                    disk.fill()
+                    time.sleep(args.disk_hold_s)
+                    running += [j["job"] for j in call(handle, "status", exp) if j["state"] == "running"]
+                    disk.free()
+                    what = f"checkpoint disk full for {args.disk_hold_s:g} s"
+                    hit[kind].update(running)
+                elif kind == "rank":
+                    # Mid-run: a pack that has made progress since it was last hit; packs not yet hit first.
+                    ready = [g for g in busy if progress(store, g) > last_kill.get(g["job"], 0)]
+                    if not ready:
+                        continue
+                    gang = rng.choice([g for g in ready if g["job"] not in last_kill] or ready)
+                    last_kill[gang["job"]] = progress(store, gang)
+                    rank = rng.choice(gang["ranks"])
+                    try:
+                        os.kill(rank["pid"], signal.SIGKILL)
+                    except ProcessLookupError:
+                        continue
+                    what = f"SIGKILL rank {rank['rank']} of pack {gang['job'][:8]} ({len(gang['jobs'])} job(s))"
+                    hit[kind].update(gang["jobs"])
+                else:  # node
+                    workers = {n.node_id[:6]: n for n in cluster.worker_nodes}
+                    on = [(g, workers[r["node"].rsplit("/", 1)[1]]) for g in busy for r in g["ranks"]
+                          if r["node"].rsplit("/", 1)[1] in workers]
+                    if not on:
+                        continue
+                    gang, node = rng.choice(on)
+                    doomed = [j for g in busy for r in g["ranks"] if r["node"].endswith(node.node_id[:6])
+                              for j in g["jobs"]]
+                    cluster.remove_node(node, allow_graceful=False)
+                    cluster.add_node(num_cpus=NODE_CPUS)
+                    what = f"removed node {node.node_id[:6]} ({len(set(doomed))} job(s) on it), added a new one"
+                    hit[kind].update(doomed)
+                plan.pop(0)
+                injected[kind] += 1
+                print(f"  fault {sum(injected.values())}: {what}", flush=True)
+            while not all(j["state"] in TERMINAL for j in call(handle, "status", exp)):
+                time.sleep(0.5)
         wall = time.perf_counter() - t0
 
-        jobs = call(handle, "status", exp)
-        finished = [j for j in jobs if j["state"] in TERMINAL and store.result(j["job"]) is not None]
-        twice = [j["job"] for j in jobs
-                 if sum(e["new_state"] in TERMINAL for e in store.events(j["job"])) > 1]
-        resumed = [j for j in jobs if j["attempts"] > 1]
-        from_checkpoint = [j for j in resumed if any((e["detail"] or "").startswith("resumed from the checkpoint")
-                                                     for e in store.events(j["job"]))]
-        twin_of = {j["job"]: twins[(j["seed"], tuple(sorted(j["overrides"].items())))] for j in jobs}
+        jobs = [j for exp in experiments for j in call(handle, "status", exp)]
+        twin_of = {j["job"]: twins[key(j)] for j in jobs}
         size = lambda job_id: len(store.pack_members(store.job(job_id)["pack_id"]) or [job_id])  # noqa: E731
-        # A job packed with as many members as its twin must end bit for bit as the twin. One that the scheduler
-        # packed differently (pack sizes follow the queue, which kills change) runs other float32 kernels: it
-        # must agree to rounding only.
-        same_size = [j["job"] for j in jobs if size(j["job"]) == size(twin_of[j["job"]])]
-        mismatched = [j for j in same_size if outcome(store, j) != outcome(store, twin_of[j])]
-        other_size = [j["job"] for j in jobs if j["job"] not in same_size]
-        far = [j for j in other_size if not close(outcome(store, j), outcome(store, twin_of[j]))]
-        states = {}
-        for j in jobs:
-            states[j["state"]] = states.get(j["state"], 0) + 1
-        packs = {j["pack"] for j in jobs}
-        print(f"chaos: {len(jobs)} jobs (1- and 2-rank) in {len(packs)} pack(s) of up to {args.max_pack} in "
-              f"{wall:.1f} s")
-        print(f"kills injected: {rank_kills} rank SIGKILLs, {coordinator_kills} coordinator kills")
-        print(f"jobs finished: {len(finished)} ({states}); jobs lost: {len(jobs) - len(finished)}; "
-              f"jobs recorded twice: {len(twice)}")
-        print(f"packs whose ranks were killed: {len(last_kill_epoch)}; jobs resumed: {len(resumed)} (attempts > 1), "
-              f"{len(from_checkpoint)} of them from a checkpoint; "
-              f"max attempts of a job: {max(j['attempts'] for j in jobs)}")
-        print(f"jobs in a pack of their twin's size whose final and per-epoch metrics equal the twin's bit for bit: "
-              f"{len(same_size) - len(mismatched)} of {len(same_size)}"
-              + (f" (differ: {mismatched})" if mismatched else ""))
-        print(f"jobs packed differently from their twin, equal to rounding (rel 1e-4): {len(other_size) - len(far)} "
-              f"of {len(other_size)}" + (f" (differ: {far})" if far else ""))
-        ok = not mismatched and not far and not twice and len(finished) == len(jobs)
+
+        def verdict(job_id: str) -> dict:
+            finished = store.job(job_id)["state"] in TERMINAL and store.result(job_id) is not None
+            twice = sum(e["new_state"] in TERMINAL for e in store.events(job_id)) > 1
+            a, b = outcome(store, job_id), outcome(store, twin_of[job_id])
+            equal = a == b if size(job_id) == size(twin_of[job_id]) else close(a, b)
+            return {"finished": finished, "twice": twice, "equal": equal}
+
+        verdicts = {j["job"]: verdict(j["job"]) for j in jobs}
+        print(f"\n{len(experiments)} round(s) of {args.jobs} jobs (1- and 2-rank, packs of up to {args.max_pack}, "
+              f"{args.epochs} epochs) on 3 nodes in {wall:.1f} s; {sum(injected.values())} faults injected")
+        if not disk.ok:
+            print(f"disk faults skipped: cannot mount a tmpfs ({disk.why})")
+        header = ("fault", "injected", "jobs hit", "finished", "lost", "recorded twice", "equal to twin")
+        rows = []
+        for kind in [*kinds, "all jobs"]:
+            ids = set(verdicts) if kind == "all jobs" else hit[kind]
+            v = [verdicts[j] for j in ids if j in verdicts]
+            rows.append((kind, str(sum(injected.values())) if kind == "all jobs" else str(injected[kind]),
+                         str(len(v)), str(sum(x["finished"] for x in v)), str(sum(not x["finished"] for x in v)),
+                         str(sum(x["twice"] for x in v)), f"{sum(x['equal'] for x in v)} of {len(v)}"))
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for r in [header, *rows]:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        attempts = [store.job(j)["attempts"] for j in verdicts]
+        print(f"attempts per job: max {max(attempts)}, mean {sum(attempts) / len(attempts):.1f}")
+        ok = all(v["finished"] and not v["twice"] and v["equal"] for v in verdicts.values())
     finally:
         with contextlib.suppress(RayError):
             ray.get(handle.shutdown.remote(), timeout=30)
         ray.shutdown()
+        cluster.shutdown()
+        disk.unmount()
     return 0 if ok else 1
 
 

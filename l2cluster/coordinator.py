@@ -34,7 +34,6 @@ from l2cluster.store import Store, experiment_jobs, experiment_rows, job_dict, j
 _TICK_S = 0.05
 _CRASH_GRACE_S = 10.0  # how long the other ranks may take to notice a crashed rank before the gang is dropped
 _HEALTH_TIMEOUT_S = 15.0  # how long an idle gang's ranks may take to answer before a job is assigned to it
-_MAX_PLACEMENT_FAILURES = 3  # gangs that failed to form for a job in a row before it fails (no attempt is charged)
 
 
 @dataclass
@@ -485,9 +484,9 @@ class Coordinator:
 
     def _placement_failed(self, job_id: str, why: str) -> None:
         """A gang failed to form for this job: back to the queue without an attempt counted (it never trained),
-        or failed after _MAX_PLACEMENT_FAILURES such failures in a row."""
+        or failed after max_attempts such failures in a row."""
         failures = self.placement_failures[job_id] = self.placement_failures.get(job_id, 0) + 1
-        if failures < _MAX_PLACEMENT_FAILURES:
+        if failures < json.loads(self.store.job(job_id)["config_json"]).get("max_attempts", 3):
             self.store.transition(job_id, JobState.QUEUED, detail=f"placement failed ({why}); re-queued (no attempt "
                                   "counted: it had not started training)")
         else:

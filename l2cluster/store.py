@@ -387,12 +387,12 @@ class Store:
 
     def notes(self, experiment_id: str) -> dict[str, str]:
         """Job id → the latest note (add_note) of the job's current attempt, for the jobs of an experiment that
-        have one."""
+        have one. A job waiting for its next attempt (queued, placing: attempts count only starts) has none."""
         rows = self._db.execute(
             "SELECT events.job_id, events.detail FROM experiment_jobs JOIN jobs ON jobs.id = experiment_jobs.job_id "
             "JOIN events ON events.job_id = jobs.id AND events.attempt = jobs.attempts "
-            "AND events.old_state = events.new_state WHERE experiment_jobs.experiment_id = ? ORDER BY events.rowid",
-            (experiment_id,)).fetchall()
+            "AND events.old_state = events.new_state WHERE experiment_jobs.experiment_id = ? "
+            "AND jobs.state NOT IN ('queued', 'placing') ORDER BY events.rowid", (experiment_id,)).fetchall()
         return {job_id: detail for job_id, detail in rows}
 
     def events(self, job_id: str) -> list[sqlite3.Row]:
