@@ -103,18 +103,18 @@ class Disk:
         self.filler = path / ".filler"
 
     def fill(self) -> None:
-        with open(self.filler, "wb") as f:
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
             block = b"\0" * (1 << 20)
-            while True:
+            while block:
                 try:
-                    f.write(block)
-                    f.flush()
+                    os.write(fd, block)  # unbuffered: no data left to flush (and fail) at close
                 except OSError as e:
                     if e.errno != errno.ENOSPC:
                         raise
-                    if len(block) == 1:
-                        return
-                    block = block[:len(block) // 16 or 1]
+                    block = block[:len(block) // 16]
+        finally:
+            os.close(fd)
 
     def free(self) -> None:
         self.filler.unlink(missing_ok=True)
