@@ -12,9 +12,10 @@ faults until `--faults` of them have been injected:
 
 With --max-pack K (default 4) jobs train in packs of up to K members, so a fault hits a whole pack. Prints a table:
 for each kind, the faults injected and the jobs they hit: finished (a final state with a result), lost (none:
-must be 0), recorded twice (more than one final state: must be 0), and equal to their undisturbed twin (bit for bit
-when packed like the twin; to float32 rounding when the scheduler packed them differently, as the queue the faults
-change decides pack sizes). Disk faults need root (mount); without it they are skipped and said so.
+must be 0), recorded twice (more than one final state: must be 0), and equal to their undisturbed twin: bit for bit
+when the job sits at the same index of a pack of the same size as its twin, else to float32 rounding (the queue,
+which the faults change, decides who is packed with whom, and a member's float32 rounding depends on its place in
+the stack). Disk faults need root (mount); without it they are skipped and said so.
 
     python bench/chaos.py --data-dir ../shared/data/mnist [--faults 100] [--jobs 16] [--epochs 8] [--max-pack 4]
 """
@@ -224,13 +225,18 @@ def main(argv=None) -> int:
 
         jobs = [j for exp in experiments for j in call(handle, "status", exp)]
         twin_of = {j["job"]: twins[key(j)] for j in jobs}
-        size = lambda job_id: len(store.pack_members(store.job(job_id)["pack_id"]) or [job_id])  # noqa: E731
+
+        def place(job_id: str) -> tuple[int, int]:
+            """(pack size, the job's index in it): float32 rounding in a stacked model depends on both."""
+            members = store.pack_members(store.job(job_id)["pack_id"]) or [job_id]
+            return len(members), members.index(job_id)
+
 
         def verdict(job_id: str) -> dict:
             finished = store.job(job_id)["state"] in TERMINAL and store.result(job_id) is not None
             twice = sum(e["new_state"] in TERMINAL for e in store.events(job_id)) > 1
             a, b = outcome(store, job_id), outcome(store, twin_of[job_id])
-            equal = a == b if size(job_id) == size(twin_of[job_id]) else close(a, b)
+            equal = a == b if place(job_id) == place(twin_of[job_id]) else close(a, b)
             return {"finished": finished, "twice": twice, "equal": equal}
 
         verdicts = {j["job"]: verdict(j["job"]) for j in jobs}

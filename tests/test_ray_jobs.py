@@ -1,6 +1,6 @@
-"""Ray's Jobs API: `ray job submit --working-dir DIR -- l2cluster run spec.yaml` on a real `ray start` head (with its
-dashboard, on 127.0.0.1) trains on that cluster: the job's `run` finds the cluster through RAY_ADDRESS, starts a
-coordinator there for the run (no nested Ray), and stops it at the end."""
+"""Ray's Jobs API: `ray job submit --working-dir DIR -- l2cluster run spec.yaml` on a real two-node `ray start`
+cluster on 127.0.0.1 (the head with its dashboard, and a worker node) trains on that cluster: the job's `run` finds
+the cluster through RAY_ADDRESS, starts a coordinator there for the run (no nested Ray), and stops it at the end."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ SPEC = {"name": "ray-job", "model": {"hidden_sizes": [16]},
 
 @pytest.fixture
 def head():
-    """A one-node cluster: `ray start --head` with the dashboard (the Jobs API's server) on 127.0.0.1."""
+    """A two-node cluster: `ray start --head` with the dashboard (the Jobs API's server) on 127.0.0.1, and a
+    worker node that joins it."""
     pytest.importorskip("aiohttp", reason="the Jobs API needs ray[default]: pip install 'l2cluster[cluster]'")
     root = Path(tempfile.mkdtemp(prefix="l2c-jobs-", dir="/tmp"))  # short: Ray's socket paths live under it
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -38,14 +39,18 @@ def head():
     node = RayNode("head", [RAY], ["--head", "--port", str(port), "--ray-client-server-port", str(free_port()),
                                    "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                                    "--dashboard-port", str(dashboard), "--num-cpus", "2"], env, root)
+    nodes = [node]
     try:
         node.wait_started()
-        yield {"root": root, "env": env, "node": node, "gcs": f"127.0.0.1:{port}",
-               "dashboard": f"http://127.0.0.1:{dashboard}"}
+        nodes.append(RayNode("worker", [RAY], ["--address", f"127.0.0.1:{port}", "--num-cpus", "2"], env, root))
+        nodes[1].wait_started()
+        yield {"root": root, "env": env, "gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}"}
     finally:
-        node.stop()
+        for n in reversed(nodes):
+            n.stop()
         shutil.rmtree(root, ignore_errors=True)
-    assert not node.pids(), f"the head left processes behind: {node.pids()}"
+    for n in nodes:
+        assert not n.pids(), f"the {n.name} node left processes behind: {n.pids()}"
 
 
 def test_ray_job_submit_runs_l2cluster_run_on_the_cluster(head, mnist_dir):
@@ -60,15 +65,18 @@ def test_ray_job_submit_runs_l2cluster_run_on_the_cluster(head, mnist_dir):
     assert out.returncode == 0 and "succeeded" in log, log[-5000:]
     assert "starting a coordinator there for this run" in log and "starting a local Ray" not in log, log[-5000:]
 
-    # The jobs ran on this cluster's one node, by a coordinator on it, in the store given.
+    # The jobs ran on this cluster's nodes, by a coordinator on it, in the store given.
     (experiment,) = [e["id"] for e in Store(store).experiments()]
     jobs = Store(store).jobs(experiment)
     assert [j["state"] for j in jobs] == ["succeeded"] * 2
-    node_id = subprocess.run([sys.executable, "-c", "import sys, ray; ray.init(address=sys.argv[1], "
-                              "logging_level='ERROR', log_to_driver=False); print(ray.nodes()[0]['NodeID'])",
-                              head["gcs"]], env=head["env"], capture_output=True, text=True, timeout=120)
-    assert node_id.returncode == 0, node_id.stderr[-3000:]
-    assert all(j["node"].endswith("/" + node_id.stdout.strip()[:6]) for j in jobs), [j["node"] for j in jobs]
+    node_ids = subprocess.run([sys.executable, "-c", "import sys, ray; ray.init(address=sys.argv[1], "
+                               "logging_level='ERROR', log_to_driver=False); print(*[n['NodeID'] for n in ray.nodes() "
+                               "if n['Alive']])", head["gcs"]], env=head["env"], capture_output=True, text=True,
+                              timeout=120)
+    assert node_ids.returncode == 0, node_ids.stderr[-3000:]
+    short = {n[:6] for n in node_ids.stdout.split()}
+    assert len(short) == 2 and all(j["node"].rsplit("/", 1)[1] in short for j in jobs), ([j["node"] for j in jobs],
+                                                                                         short)
     from ray.util.state import list_actors
 
     coordinators = list_actors(address=head["dashboard"], filters=[("class_name", "=", "Coordinator")])
