@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cluster import RAY, RayNode, free_port
+from test_cluster import LOOPBACK_JOIN, RAY, RayNode, free_port
 
 from l2cluster.store import Store
 
@@ -42,7 +42,10 @@ def head():
     nodes = [node]
     try:
         node.wait_started()
-        nodes.append(RayNode("worker", [RAY], ["--address", f"127.0.0.1:{port}", "--num-cpus", "2"], env, root))
+        # A worker joins on 127.0.0.1 as in tests/test_cluster.py (single-machine mode is for the head only).
+        joining = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+        nodes.append(RayNode("worker", [sys.executable, "-c", LOOPBACK_JOIN],
+                             ["--address", f"127.0.0.1:{port}", "--num-cpus", "2"], joining, root))
         nodes[1].wait_started()
         yield {"root": root, "env": env, "gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}"}
     finally:
