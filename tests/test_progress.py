@@ -265,7 +265,7 @@ from l2cluster.plugin import Regularizer
 
 
 class SlowSteps(Regularizer):
-    """Sleeps 10 ms after every step: a run slow enough to watch (or fails at once with fail: 1)."""
+    """Sleeps 25 ms after every step: a run slow enough to watch (or fails at once with fail: 1)."""
 
     name = "slow_steps"
 
@@ -276,10 +276,11 @@ class SlowSteps(Regularizer):
     def after_step(self, params, hp):
         if float(hp.fail.max()) > 0:
             raise RuntimeError("told to fail")
-        time.sleep(0.01)
+        time.sleep(0.025)
 '''
 
-# 500 training images in batches of 2: 250 steps per epoch, 2.5 s or more each with the plugin's sleep.
+# 500 training images in batches of 2: 250 steps per epoch, 6.25 s or more each with the plugin's sleep: longer than
+# the 5 s between two progress lines, so a line falls inside an epoch however fast the machine.
 SLOW = {"model": {"hidden_sizes": [16]}, "data": {"batch_size": 2, "val_size": 100},
         "optimizer": {"name": "adam", "lr": 0.003}, "epochs": 2, "regularizers": [{"name": "slow_steps"}],
         "sweep": {"seeds": [0, 1]}}
@@ -303,9 +304,11 @@ def test_run_says_what_happens_from_the_start_and_shows_steps_inside_epochs(tmp_
                           "--num-cpus", "2"], env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout + run.stderr
     err = run.stderr
-    said = ["starting a local Ray on 127.0.0.1 (2 CPUs) …", "starting the coordinator …", ": 2 job(s) on a local Ray",
-            "forming gangs: starting the worker processes"]
-    at = [err.find(s) for s in said]
+    # What placing waits for is said as the 2 s polls see it: loading MNIST, forming the gang, or both (a stage
+    # shorter than a poll may be passed unseen).
+    stage = max(err.find("loading MNIST …"), err.find("forming gangs: starting the worker processes"))
+    said = ["starting a local Ray on 127.0.0.1 (2 CPUs) …", "starting the coordinator …", ": 2 job(s) on a local Ray"]
+    at = [err.find(s) for s in said] + [stage]
     assert all(i >= 0 for i in at) and at == sorted(at), err
     # At least one line from inside an epoch: "epoch 1/2 step 40/250" (both seeds train as one pack).
     steps = re.findall(r"seed \d: epoch ([12])/2 step (\d+)/250", err)
