@@ -234,6 +234,7 @@ class Coordinator:
     async def shutdown(self) -> None:
         if self._loop_task:
             self._loop_task.cancel()
+        await asyncio.gather(*[self._close(g, "shutdown") for g in list(self.gangs.values()) if not g.busy])
         for g in list(self.gangs.values()):
             self._drop(g)
         self.store.close()  # folds the write-ahead log into the file: after a clean stop, store.db holds it all
@@ -286,7 +287,6 @@ class Coordinator:
                            + (" (scaling.use_gpu: true)" if scaling["use_gpu"] is True else "")
                            + f"; the whole cluster has {total.get('CPU', 0):g} CPU(s) and {gpus:g} GPU(s): "
                            "lower scaling.num_workers / cpus_per_worker, or set use_gpu: auto")
-                    self.store.transition(row["id"], JobState.PLACING)
                     self.store.finish(row["id"], "failed", {}, error=why)
                     continue
                 if need_cpus > free_cpus + 1e-9 or need_gpus > free_gpus + 1e-9:
@@ -294,10 +294,8 @@ class Coordinator:
                     idle = sorted((g for g in self.gangs.values() if g.ready and not g.busy and g.shape != shape),
                                   key=lambda g: g.idle_since)
                     if idle:
-                        self.log.info("gang_released", gang=idle[0].id, reason="room for another shape")
-                        self._drop(idle[0])
-                        self._wake.set()
-                        return  # resources come back asynchronously; schedule again on the next tick
+                        self._release(idle[0], "room for another shape")
+                        return  # resources come back asynchronously; schedule again when they have
                     continue  # no room now; a smaller job further down may still fit
                 free_cpus -= need_cpus
                 free_gpus -= need_gpus
@@ -525,8 +523,22 @@ class Coordinator:
         now = time.time()
         for g in list(self.gangs.values()):
             if g.ready and not g.busy and now - g.idle_since > self.idle_release_s:
-                self.log.info("gang_released", gang=g.id, idle_s=round(now - g.idle_since, 1))
-                self._drop(g)
+                self._release(g, f"idle for {now - g.idle_since:.0f} s")
+
+    def _release(self, gang: Gang, reason: str) -> None:
+        """Release an idle gang in the background: its ranks destroy their process groups, then it goes."""
+        self.gangs.pop(gang.id, None)
+        asyncio.get_running_loop().create_task(self._close(gang, reason))
+
+    async def _close(self, gang: Gang, reason: str) -> None:
+        self.gangs.pop(gang.id, None)
+        try:
+            destroyed = await gang.close()
+            self.log.info("gang_released", gang=gang.id, reason=reason, process_groups_destroyed=destroyed)
+        except Exception as e:  # already gone
+            self.log.warning("gang_release_failed", gang=gang.id, error=str(e)[:200])
+        if self._wake is not None:
+            self._wake.set()  # its resources are free now
 
     def _drop(self, gang: Gang) -> None:
         self.gangs.pop(gang.id, None)

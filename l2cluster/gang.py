@@ -178,9 +178,12 @@ class RankWorker:
         self.jobs_run += 1
         return out
 
-    def shutdown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def shutdown(self) -> bool:
+        """Destroy this rank's process group (before the gang is released); returns whether it had one."""
+        if not dist.is_initialized():
+            return False
+        dist.destroy_process_group()
+        return True
 
 
 def interface_of(ip: str) -> str | None:
@@ -270,7 +273,20 @@ class Gang:
     def node(self) -> str:
         return self.infos[0]["node"] if self.infos else ""
 
+    async def close(self, timeout_s: float = 10.0) -> int:
+        """Release an idle gang cleanly: every rank destroys its process group first (within `timeout_s`), then
+        the actors and the placement group go. Returns how many ranks destroyed theirs."""
+        try:
+            done = await asyncio.wait_for(asyncio.gather(*[w.shutdown.remote() for w in self.workers],
+                                                         return_exceptions=True), timeout_s)
+        except asyncio.TimeoutError:
+            done = []
+        finally:
+            self.release()
+        return sum(d is True for d in done)
+
     def release(self) -> None:
+        """Kill the ranks and remove the placement group (a gang that lost a rank, or one already closed)."""
         for w in self.workers:
             ray.kill(w)
         remove_placement_group(self.pg)

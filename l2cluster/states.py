@@ -7,7 +7,7 @@ from enum import Enum
 
 class JobState(str, Enum):
     """Where a job is: queued → placing → running → succeeded | failed | diverged | cancelled (→ queued again
-    only on a rerun)."""
+    only on a rerun); queued → failed for a job the cluster can never hold."""
 
     QUEUED = "queued"
     PLACING = "placing"
@@ -25,7 +25,8 @@ class JobState(str, Enum):
 _TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DIVERGED, JobState.CANCELLED})
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.PLACING, JobState.CANCELLED}),
+    # A job the whole cluster can never hold fails from the queue, without pretending to be placed.
+    JobState.QUEUED: frozenset({JobState.PLACING, JobState.FAILED, JobState.CANCELLED}),
     # Placing can fail (no resources, a gang that died while forming): back to the queue or failed.
     JobState.PLACING: frozenset({JobState.RUNNING, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}),
     # Running → queued is a retry: a rank died and the job goes back with attempt + 1.

@@ -173,6 +173,10 @@ def test_a_job_the_cluster_can_never_hold_fails_with_the_reason(cluster, tmp_pat
     assert code == 1
     (job,) = ray.get(cluster["handle"].results.remote(out.splitlines()[0]))
     assert job["state"] == "failed" and "the whole cluster has 4 CPU(s)" in job["result"]["error"]
+    # Straight from the queue: never shown as placing, no attempt counted.
+    events = Store(cluster["store"]).events(job["job"])
+    assert [(e["old_state"], e["new_state"], e["attempt"]) for e in events] == [(None, "queued", 0),
+                                                                                 ("queued", "failed", 0)]
 
 
 def test_the_embedded_cluster_listens_on_127_0_0_1_only(cluster):
