@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 # On a CPU (one torch thread per rank) a pack of 16 costs ~0.76x per job what one job alone does, and larger
-# packs gain nothing more while their memory grows (bench/pack_cost.py, reference model; see the README).
+# packs gain nothing more while their memory grows (bench/pack_cost.py, reference model; see docs/benchmarks.md).
 CPU_DEFAULT_MAX_PACK = 16
 # On a GPU the cost per job falls with K until the GPU is busy: on an H100 (reference model, CUDA graphs) 0.257 s
 # per model-epoch alone, 0.036 at K=32, 0.027 at K=256 and 0.028 at K=1024 with 4x the memory (bench/pack_cost.py).

@@ -1,7 +1,7 @@
 """Invalid job specs for fuzzing: hypothesis strategies that break a valid spec in exactly one way and say which
 field (or which line) the refusal must name.
 
-Written from the spec format as the README and `l2cluster schema` document it, and deliberately independent of
+Written from the spec format as docs/specs.md and `l2cluster schema` document it, and deliberately independent of
 l2cluster's code: it never imports l2cluster, so a mistake in l2cluster's models cannot hide in the oracle.
 Used by tests/test_spec_fuzz.py (pytest puts tests/ on sys.path) and bench/fuzz_specs.py (which adds it).
 """
