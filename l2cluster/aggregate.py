@@ -22,10 +22,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from l2cluster.states import TERMINAL_STATES
 from l2cluster.store import job_dict
 
 CONFIDENCE = 0.95
-TERMINAL_STATES = ("succeeded", "failed", "diverged", "cancelled")
 # `--by` names that are not paths into the resolved config.
 JOB_FIELDS = ("label", "seed", "job")
 

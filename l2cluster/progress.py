@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from l2cluster.aggregate import TERMINAL_STATES, settings_text
+from l2cluster.aggregate import settings_text
+from l2cluster.states import TERMINAL_STATES
 
 _MAX_RUNNING_SHOWN = 8
 _BAR_WIDTH = 20
@@ -119,7 +120,7 @@ def counts_text(snap: Snapshot) -> str:
     finished = sum(c.get(s, 0) for s in TERMINAL_STATES)
     parts = [f"{finished}/{snap.num_jobs} done", f"{c.get('running', 0) + c.get('placing', 0)} running",
              f"{c.get('queued', 0)} queued"]
-    parts += [f"{c[s]} {s}" for s in ("succeeded", "failed", "diverged", "cancelled") if c.get(s)]
+    parts += [f"{c[s]} {s}" for s in TERMINAL_STATES if c.get(s)]
     return " · ".join(parts)
 
 

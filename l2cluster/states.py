@@ -23,6 +23,8 @@ class JobState(str, Enum):
 
 
 _TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DIVERGED, JobState.CANCELLED})
+# The terminal states' names in display order, for code that compares the strings of rows and records.
+TERMINAL_STATES: tuple[str, ...] = tuple(s.value for s in JobState if s in _TERMINAL)
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # A job the whole cluster can never hold fails from the queue, without pretending to be placed.
