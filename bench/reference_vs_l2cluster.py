@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from l2cluster.data import MNIST_FILES, find_mnist, load_mnist, split_mnist
+from l2cluster.process import keep_freed_memory
 from l2cluster.registry import load_registry
 from l2cluster.spec import expand, parse_spec, read_spec_file
-from l2cluster.trainer import Trainer, keep_freed_memory
+from l2cluster.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

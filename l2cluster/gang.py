@@ -30,6 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from l2cluster.data import Mnist, split_mnist
 from l2cluster.log import configure_logging, get_logger
+from l2cluster.process import prepare_training_process
 
 # Rank 0 tells the coordinator how far into the epoch its pack is at most this often (one small actor message).
 PROGRESS_EVERY_S = 2.0
@@ -62,7 +63,7 @@ class RankWorker:
     def __init__(self, rank: int, world: int, num_threads: int, plugin_dirs: list[str]):
         from l2cluster.registry import load_registry
 
-        torch.set_num_threads(num_threads)  # oversubscribed CPU workers were measured 25x slower
+        prepare_training_process(num_threads)
         configure_logging(json=True)
         self.rank, self.world = rank, world
         self.registry = load_registry(plugin_dirs)

@@ -10,11 +10,9 @@ One step:  on_batch → forward (on_activation) → cross-entropy + example_pena
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import math
-import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -46,30 +44,6 @@ class RunResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def keep_freed_memory() -> bool:
-    """Stop glibc from handing freed large blocks back to the OS (Linux only; once per process).
-
-    Every CPU step allocates and frees megabytes of temporaries (activations, gradients). By default glibc
-    unmaps or trims them after each free, so the next step page-faults them in again; on the reference MLP
-    that made steps with an L2 term and dropout ~1.5x slower. PyTorch's CPU tuning guide suggests jemalloc or
-    tcmalloc for the same reason; this is the equivalent that needs no preloading."""
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED is None:
-        _MALLOC_TUNED = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-                _MALLOC_TUNED = bool(libc.mallopt(m_trim_threshold, 1 << 30)
-                                     and libc.mallopt(m_mmap_threshold, 1 << 30))
-            except (OSError, AttributeError):  # not glibc (musl, …): leave the allocator alone
-                pass
-    return _MALLOC_TUNED
-
-
-_MALLOC_TUNED: bool | None = None
 
 
 def derive_seed(seed: int, purpose: str, rank: int = 0) -> int:
@@ -128,8 +102,6 @@ class Trainer:
         if K > 1 and cfg.schedule.name == "plateau":
             raise ValueError("a plateau schedule follows one model's validation loss; train such jobs one at a time")
         self.device = torch.device(device) if device is not None else resolve_device(cfg.scaling.use_gpu)
-        if self.device.type == "cpu":
-            keep_freed_memory()
         self.dtype = torch.float64 if cfg.model.dtype == "float64" else torch.float32
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0

@@ -20,7 +20,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "l2cluster"
 
-CORE = ["model", "trainer", "runner", "checkpoint", "data", "plugin", "testing", "registry", "packing", "states"]
+CORE = ["model", "trainer", "runner", "checkpoint", "data", "plugin", "testing", "registry", "packing", "states",
+        "process"]
 RESULTS = ["store", "aggregate", "report", "export", "progress", "states", "packing", "limits", "log"]
 
 
