@@ -25,7 +25,7 @@ from ray.exceptions import RayActorError, RayError
 
 from l2cluster.checkpoint import remove_job
 from l2cluster.data import DataError
-from l2cluster.gang import Gang, GangShape, remove_orphaned_placement_groups
+from l2cluster.gang import Gang, GangShape, RankOutcome, remove_orphaned_placement_groups
 from l2cluster.log import configure_logging, get_logger
 from l2cluster.packing import ASSUMED_GPU_BYTES, max_members, pack_id, take_pack
 from l2cluster.states import JobState
@@ -416,17 +416,18 @@ class Coordinator:
         try:
             refs = [w.run.remote(running.id, members, attempt, me, self.checkpoint_dir, done) for w in gang.workers]
             outs, stuck = await _await_ranks(refs)
-            out = next((o for o in outs if o and o.get("traceback")), outs[0])  # a crash explains the run best
-            results = out.get("results", {})
+            # A crash explains the run best; else rank 0's results (every rank computes the same ones).
+            out = next((o for o in outs if o is not None and o.crashed), None) or outs[0] or RankOutcome(
+                error="rank 0 returned no result")
             for job_id in running.active:
-                if job_id in results:
-                    self._record(job_id, results[job_id], running.attempts[job_id])
+                if job_id in out.results:
+                    self._record(job_id, out.results[job_id], running.attempts[job_id])
                 elif not self._terminal(job_id):
-                    self.store.finish(job_id, "failed", {}, error=out.get("error") or "the run returned no result",
+                    self.store.finish(job_id, "failed", {}, error=out.error or "the run returned no result",
                                       attempt=running.attempts[job_id])
             log.info("pack_finished", outcomes={j: self.store.job(j)["state"] for j in running.active},
-                     resumed_from_epoch=out.get("resumed_from_epoch"), split=out.get("split", False))
-            if stuck or (gang.shape.num_workers > 1 and any(o and o.get("traceback") for o in outs)):
+                     resumed_from_epoch=out.resumed_from_epoch, split=out.split)
+            if stuck or (gang.shape.num_workers > 1 and any(o is not None and o.crashed for o in outs)):
                 # A rank crashed outside the collectives' lockstep: its process group cannot be trusted.
                 log.warning("gang_dropped", reason="a rank crashed", stuck_ranks=stuck)
                 self._drop(gang)
@@ -555,9 +556,9 @@ class Coordinator:
                 "was started with; add --address for a daemon on an existing Ray cluster)")
 
 
-async def _await_ranks(refs: list) -> tuple[list[dict | None], int]:
-    """Wait for every rank's result; raises a RayError when a rank dies. When one rank crashes (its result has a
-    traceback) while the others still run, they may wait forever in a collective: give them a grace period, then
+async def _await_ranks(refs: list) -> tuple[list[RankOutcome | None], int]:
+    """Wait for every rank's result; raises a RayError when a rank dies. When one rank crashes (RankOutcome.crashed)
+    while the others still run, they may wait forever in a collective: give them a grace period, then
     return without them (their entries None) and say how many were stuck."""
     futures = [asyncio.ensure_future(r) for r in refs]
     pending, crashed_at = set(futures), None
@@ -566,7 +567,7 @@ async def _await_ranks(refs: list) -> tuple[list[dict | None], int]:
             done, pending = await asyncio.wait(pending, timeout=None if crashed_at is None else _CRASH_GRACE_S,
                                                return_when=asyncio.FIRST_COMPLETED)
             for f in done:
-                if f.result().get("traceback") and crashed_at is None:  # .result() raises a dead rank's error
+                if f.result().crashed and crashed_at is None:  # .result() raises a dead rank's error
                     crashed_at = time.monotonic()
             if pending and crashed_at is not None and time.monotonic() - crashed_at >= _CRASH_GRACE_S:
                 break

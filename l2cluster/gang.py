@@ -56,6 +56,22 @@ class GangShape:
         return [dict(bundle) for _ in range(self.num_workers)]
 
 
+@dataclass(frozen=True)
+class RankOutcome:
+    """What one rank's run() returns to the coordinator: the pack's per-member results (job id → the runner's
+    result dict), or, when the run crashed outside the trainer's own handling, the error and its traceback."""
+
+    results: dict[str, dict] = field(default_factory=dict)
+    resumed_from_epoch: int | None = None
+    split: bool = False  # the pack split (a member's hook raised) and its members trained again alone
+    error: str | None = None
+    traceback: str | None = None
+
+    @property
+    def crashed(self) -> bool:
+        return self.traceback is not None
+
+
 @ray.remote(max_concurrency=2)  # a second thread takes cancel() while run() trains
 class RankWorker:
     """One DDP rank. Lives as long as its gang; trains one pack (one or more jobs) at a time."""
@@ -122,13 +138,10 @@ class RankWorker:
             self.cancelled_jobs.add(job_id)
 
     def run(self, pack_id: str, members: list[tuple[str, dict]], attempt: int, coordinator,
-            checkpoint_dir: str | None = None, done: list[str] = ()) -> dict:
+            checkpoint_dir: str | None = None, done: list[str] = ()) -> RankOutcome:
         """Train one pack (one job: a pack of one) through the job runner; rank 0 reports each member's epochs
         and early results to the coordinator, any rank its notes (a checkpoint not written). Never raises: a crash
-        is a result.
-
-        Returns {"results": {job_id: result}, "resumed_from_epoch", "split"}, or {"error", "traceback"} when the
-        run crashed outside the trainer's own handling."""
+        is a result (RankOutcome.crashed)."""
         from l2cluster.runner import Member, run_pack
         from l2cluster.spec import spec_models
 
@@ -172,10 +185,10 @@ class RankWorker:
             run = run_pack(pack, self.splits[key], self.registry, device=device, checkpoint_dir=checkpoint_dir,
                            rank=self.rank, world=self.world, done=set(done), on_epoch=on_epoch, on_result=on_result,
                            cancelled=cancelled, on_progress=on_progress, on_note=on_note, log=log)
-            out = {"results": run.results, "resumed_from_epoch": run.resumed_from_epoch, "split": run.split}
+            out = RankOutcome(run.results, run.resumed_from_epoch, run.split)
         except Exception as e:  # a crashing job must not take the gang or the daemon down
             log.error("job_crashed", error=f"{type(e).__name__}: {e}")
-            out = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=5)}
+            out = RankOutcome(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=5))
         self.jobs_run += 1
         return out
 
