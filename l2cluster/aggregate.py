@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from l2cluster.errors import InputError
 from l2cluster.states import TERMINAL_STATES
 from l2cluster.store import job_dict
 
@@ -186,7 +187,7 @@ def export_experiment(store, experiment_id: str, *, epochs: bool = True) -> dict
 
 
 # -- grouping ----------------------------------------------------------------------------------------------------
-class FieldError(ValueError):
+class FieldError(InputError, ValueError):
     """A `--by` field that no job has."""
 
 

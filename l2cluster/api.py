@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from l2cluster.aggregate import export_experiment, group_jobs, settings_text
+from l2cluster.errors import NotFoundError
 from l2cluster.store import Store, job_dict, reading
 
 __all__ = ["Experiment", "Records", "StoreReader", "open_store", "run", "submit"]
@@ -108,8 +109,8 @@ def epochs_records(export: dict) -> Records:
 # -- where an experiment lives: the daemon, or a store file ---------------------------------------------------
 def call_coordinator(fn: str, *args, timeout: float | None = 60, restart_wait_s: float = 120.0, **kwargs):
     """Call the coordinator actor's method `fn` (on the cluster this process is connected to) and return its
-    answer. Raises KeyError for an unknown experiment or job, the plugin's PluginError, or what the coordinator
-    raised (a SpecError names every bad field); a DaemonError when the coordinator does not answer within
+    answer. Raises NotFoundError for an unknown experiment or job, the plugin's PluginError, or what the
+    coordinator raised (a SpecError names every bad field); a DaemonError when the coordinator does not answer within
     `timeout` seconds or is gone."""
     import ray
 
@@ -135,8 +136,8 @@ def call_coordinator(fn: str, *args, timeout: float | None = 60, restart_wait_s:
                               "start`") from None
         except ray.exceptions.RayTaskError as e:
             cause = e.as_instanceof_cause()
-            if isinstance(cause, KeyError):
-                raise KeyError(cause.args[0]) from None
+            if isinstance(e.cause, NotFoundError):  # not a KeyError from a bug: that one keeps its traceback
+                raise NotFoundError(*e.cause.args) from None
             # A PluginError (its class is loaded once one arrived: no torch import to check): its message alone.
             plugin_error = getattr(sys.modules.get("l2cluster.plugin"), "PluginError", None)
             if plugin_error is not None and isinstance(e.cause, plugin_error):
@@ -184,7 +185,7 @@ class _StoreFile:
     def status(self, experiment_id: str) -> list[dict]:
         with self.open() as store:
             if store.experiment(experiment_id) is None:
-                raise KeyError(f"no experiment {experiment_id!r} in {self.path}")
+                raise NotFoundError(f"no experiment {experiment_id!r} in {self.path}")
             return [job_dict(r) for r in store.jobs(experiment_id)]
 
     def __repr__(self) -> str:
@@ -297,18 +298,10 @@ class StoreReader:
 
     def experiment(self, key: str) -> Experiment:
         """The experiment whose id is `key`, or the one whose id starts with it (a name, or a name and the first
-        digits of the id). KeyError when none matches; ValueError, naming them, when several do."""
-        ids = [e["experiment"] for e in self.experiments()]
-        if key in ids:
-            return Experiment(key, self._file)
-        matches = [i for i in ids if i.startswith(key)]
-        if len(matches) == 1:
-            return Experiment(matches[0], self._file)
-        if not matches:
-            known = ", ".join(ids[-5:]) or "none"
-            raise KeyError(f"no experiment {key!r} in {self.path}; its latest: {known}")
-        raise ValueError(f"{key!r} matches {len(matches)} experiments in {self.path}: {', '.join(matches)}; "
-                         "give more of the id")
+        digits of the id), as `Store.resolve_experiment` finds it; NotFoundError, naming what exists or what
+        matched, otherwise."""
+        with self._file.open() as store:
+            return Experiment(store.resolve_experiment(key), self._file)
 
 
 def open_store(path: str | Path) -> StoreReader:

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from l2cluster.errors import L2ClusterError
+
 _NAME = re.compile(r"^epoch-(\d+)\.rank-(\d+)\.pt$")
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(L2ClusterError, OSError):
     """A checkpoint file could not be written: the OS error (errno, strerror) and the file it was for.
 
     An OSError with the same errno, so `except OSError` and `e.errno == errno.ENOSPC` work; it pickles with its

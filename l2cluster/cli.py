@@ -19,10 +19,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-EXIT_USAGE = 2
+from l2cluster.errors import EXIT_INTERRUPTED, InputError, exit_code
 
 
-class UserError(Exception):
+class UserError(InputError):
     """An error caused by the input, printed as its message with exit code 2."""
 
 
@@ -71,10 +71,7 @@ def cmd_plugins_list(args) -> int:
 
 def cmd_plugins_show(args) -> int:
     registry = _registry(args)
-    try:
-        info = registry.get(args.name)
-    except KeyError as e:
-        raise UserError(e.args[0]) from None
+    info = registry.get(args.name)
     fields = [{"field": fname, "type": _type_name(f.annotation),
                "default": None if f.is_required() else f.default, "required": f.is_required(),
                "doc": f.description or ""}
@@ -181,13 +178,10 @@ def cmd_train(args) -> int:
 
 # -- the daemon ---------------------------------------------------------------------------------------------
 def _daemon_call(fn, *args, **kwargs):
-    """l2cluster.api.call_coordinator, with an unknown experiment or job as a UserError."""
+    """l2cluster.api.call_coordinator (an unknown experiment or job is a NotFoundError: one line, exit 2)."""
     from l2cluster.api import call_coordinator
 
-    try:
-        return call_coordinator(fn, *args, **kwargs)
-    except KeyError as e:
-        raise UserError(e.args[0]) from None
+    return call_coordinator(fn, *args, **kwargs)
 
 
 def cmd_daemon(args) -> int:
@@ -390,10 +384,7 @@ def _read(args, from_store, from_daemon):
         from l2cluster.store import reading
 
         with reading(args.store) as store:
-            try:
-                return from_store(store)
-            except KeyError as e:
-                raise UserError(e.args[0]) from None
+            return from_store(store)
     from l2cluster.daemon import DaemonError, connect
 
     try:
@@ -916,22 +907,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _loaded(module: str, name: str) -> type:
-    """An exception class from a module, if that module is loaded (else a class nothing raises): an exception of
-    a class can only exist once its module was imported, so catching it needs no import (of torch, say)."""
-    return getattr(sys.modules.get(module), name, _NeverRaised)
-
-
-class _NeverRaised(Exception):
-    pass
-
-
-def _user_errors() -> tuple[type, ...]:
-    """The exceptions that mean bad input or an unreachable daemon: printed as one line, exit code 2."""
-    return (UserError, _loaded("l2cluster.data", "DataError"), _loaded("l2cluster.plugin", "PluginError"),
-            _loaded("l2cluster.daemon", "DaemonError"), _loaded("l2cluster.store", "StoreError"))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get("NO_COLOR") and not os.environ.get("FORCE_COLOR"):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's colored worker-log prefixes (no-color.org)
@@ -946,15 +921,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:
-        if isinstance(e, _loaded("l2cluster.spec", "SpecError")):
-            print(e.render(), file=sys.stderr)
-        elif isinstance(e, _user_errors()):
-            print(f"error: {e}", file=sys.stderr)
-        else:
+        code = exit_code(e)
+        if code is None:  # not the input's fault: a bug, with its traceback
             raise
-    return EXIT_USAGE
+        print(e.render() if isinstance(e, InputError) else f"error: {e}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

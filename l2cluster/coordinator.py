@@ -25,6 +25,7 @@ from ray.exceptions import RayActorError, RayError
 
 from l2cluster.checkpoint import remove_job
 from l2cluster.data import DataError
+from l2cluster.errors import NotFoundError
 from l2cluster.gang import Gang, GangShape, RankOutcome, remove_orphaned_placement_groups
 from l2cluster.log import configure_logging, get_logger
 from l2cluster.packing import ASSUMED_GPU_BYTES, max_members, pack_id, take_pack
@@ -167,7 +168,7 @@ class Coordinator:
                 rows = [self.store.job(self.store.resolve_job(target))]
             except KeyError as not_job:
                 ambiguous = [e.args[0] for e in (not_experiment, not_job) if "ambiguous" in e.args[0]]
-                raise KeyError(ambiguous[0] if ambiguous else f"no experiment or job {target!r}; `l2cluster "
+                raise NotFoundError(ambiguous[0] if ambiguous else f"no experiment or job {target!r}; `l2cluster "
                                "status` lists experiments, `l2cluster status EXPERIMENT` their jobs") from None
         n = 0
         packs: dict[str, RunningPack] = {}

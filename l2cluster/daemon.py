@@ -20,6 +20,7 @@ from pathlib import Path
 
 import ray
 
+from l2cluster.errors import InputError
 from l2cluster.limits import DEFAULT_MAX_JOBS
 from l2cluster.store import checkpoint
 
@@ -28,7 +29,7 @@ NAMESPACE = "l2cluster"
 NAME = "coordinator"
 
 
-class DaemonError(RuntimeError):
+class DaemonError(InputError, RuntimeError):
     """The daemon cannot be reached or started; the message says what to do."""
 
 

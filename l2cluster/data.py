@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from l2cluster.errors import InputError
 
-class DataError(ValueError):
+
+class DataError(InputError, ValueError):
     """A data file is missing, unreadable or not what was expected; the message names the file and the fix."""
 
 

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from l2cluster.errors import InputError
 from l2cluster.states import JobState
 
 FORMATS = ("tensorboard", "mlflow", "csv", "parquet", "jsonl")
@@ -32,7 +33,7 @@ SUMMARY_METRICS = ("val_acc", "val_loss", "final/test_acc", "final/test_loss", "
 _MLFLOW_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "cancelled": "KILLED"}
 
 
-class ExportError(ValueError):
+class ExportError(InputError, ValueError):
     """An export cannot be written (bad destination, missing package); the message names what and the fix."""
 
 

@@ -28,6 +28,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel
 
+from l2cluster.errors import InputError, L2ClusterError
+
 __all__ = [
     "HOOK_ARGS",
     "HookError",
@@ -198,7 +200,7 @@ class Regularizer:
     Config: ClassVar[type[BaseModel]]
 
 
-class PluginError(ValueError):
+class PluginError(InputError, ValueError):
     """A plugin was refused at registration; names the plugin, the hook and the argument where they apply."""
 
     def __init__(self, plugin: str, reason: str, hook: str | None = None, argument: str | None = None):
@@ -212,7 +214,7 @@ class PluginError(ValueError):
         return (type(self), (self.plugin, self.reason, self.hook, self.argument))
 
 
-class HookError(RuntimeError):
+class HookError(L2ClusterError, RuntimeError):
     """A plugin hook raised or returned something unusable while training; the job fails with this text.
 
     `trace` is the traceback of the plugin's exception (its own frames, file:line), shown under the message."""

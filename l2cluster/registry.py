@@ -33,6 +33,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, Field, create_model
 
 import l2cluster
+from l2cluster.errors import NotFoundError
 from l2cluster.plugin import HOOK_ARGS, HOOK_MARK, PluginError, Regularizer
 
 ENTRY_POINT_GROUP = "l2cluster.regularizers"
@@ -128,8 +129,8 @@ class Registry:
         except KeyError:
             for p in self.problems:
                 if p.name == name:
-                    raise KeyError(f"plugin {name!r} is {p.status}: {p.reason}") from None
-            raise KeyError(f"no plugin named {name!r}; available: {', '.join(self.names) or 'none'}") from None
+                    raise NotFoundError(f"plugin {name!r} is {p.status}: {p.reason}") from None
+            raise NotFoundError(f"no plugin named {name!r}; available: {', '.join(self.names) or 'none'}") from None
 
     def all(self) -> list[PluginInfo]:
         return [*self._plugins.values(), *self.problems]

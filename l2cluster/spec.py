@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from l2cluster.errors import InputError
 from l2cluster.limits import DEFAULT_MAX_JOBS  # noqa: F401 (spec.DEFAULT_MAX_JOBS, as before)
 from l2cluster.registry import Registry
 
@@ -356,7 +357,7 @@ class Issue:
     message: str
 
 
-class SpecError(ValueError):
+class SpecError(InputError, ValueError):
     """A spec was refused; carries one Issue (field path + how to fix) per problem."""
 
     def __init__(self, source: str, issues: Sequence[Issue]):
@@ -705,7 +706,7 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-class PathError(ValueError):
+class PathError(InputError, ValueError):
     pass
 
 

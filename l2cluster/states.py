@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from l2cluster.errors import L2ClusterError
+
 
 class JobState(str, Enum):
     """Where a job is: queued → placing → running → succeeded | failed | diverged | cancelled (→ queued again
@@ -43,7 +45,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
-class InvalidTransition(ValueError):
+class InvalidTransition(L2ClusterError, ValueError):
     """A state change the table does not allow (a bug in the caller, or a stale update)."""
 
     def __init__(self, job_id: str, old: str, new: str):

@@ -19,6 +19,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from l2cluster.errors import InputError, NotFoundError
 from l2cluster.packing import pack_key
 from l2cluster.states import JobState, check_transition
 
@@ -100,7 +101,7 @@ CREATE TABLE IF NOT EXISTS results (
 """
 
 
-class StoreError(RuntimeError):
+class StoreError(InputError, RuntimeError):
     """The store file cannot be used (locked, corrupt, from a newer version); names the file and the fix."""
 
 
@@ -381,9 +382,9 @@ class Store:
         if len(ids) == 1:
             return ids[0]
         if not ids:
-            raise KeyError(f"no {kind} {text!r}; {hint}")
+            raise NotFoundError(f"no {kind} {text!r}; {hint}")
         shown = ", ".join(ids[:5]) + (", …" if len(ids) > 5 else "")
-        raise KeyError(f"{kind} prefix {text!r} is ambiguous: it matches {shown}; give more of the id")
+        raise NotFoundError(f"{kind} prefix {text!r} is ambiguous: it matches {shown}; give more of the id")
 
     def notes(self, experiment_id: str) -> dict[str, str]:
         """Job id → the latest note (add_note) of the job's current attempt, for the jobs of an experiment that

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from l2cluster.data import Splits
+from l2cluster.errors import L2ClusterError
 
 _TOL = 1e-7  # relative: float64 numbers that differ only by summation order
 
@@ -43,7 +44,7 @@ def synthetic_splits(n_train: int = 320, n_val: int = 64, n_test: int = 64, seed
     return Splits(tx, ty, vx, vy, sx, sy)
 
 
-class PluginCheckError(AssertionError):
+class PluginCheckError(L2ClusterError, AssertionError):
     """check_plugin found contract violations; the message lists each, with what to fix."""
 
 
