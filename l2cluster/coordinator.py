@@ -5,7 +5,8 @@ takes an idle gang of its shape, or a new gang when the cluster has room, togeth
 same priority that may be packed with it (l2cluster.packing: one stacked model, up to the pack size the gang's
 device allows). Each tick gathers the queue (as packs), the gangs and the free resources, asks the pure
 l2cluster.scheduler.plan what to start, fail or release, and applies that. Scheduling reads only keys stored at
-submission; no config is validated per tick. Every state change goes through the store. Idle gangs are released after
+submission; no config is validated per tick. Every state change goes through the store; reads for `results` and
+`export` run in a worker thread on a read-only connection, off the event loop. Idle gangs are released after
 `idle_release_s`. On start it re-queues what a previous coordinator left placing or running (a pack keeps its
 members), so nothing is lost.
 """
@@ -162,15 +163,30 @@ class Coordinator:
         return jobs
 
     async def results(self, experiment_id: str) -> list[dict]:
-        rows = self.store.jobs(self.store.resolve_experiment(experiment_id))
-        return [{**job_dict(r), "result": self.store.result(r["id"])} for r in rows]
+        def read(store: Store) -> list[dict]:
+            rows = store.jobs(store.resolve_experiment(experiment_id))
+            return [{**job_dict(r), "result": store.result(r["id"])} for r in rows]
+
+        return await self._read(read)
 
     async def export(self, experiment_id: str, epochs: bool = True) -> dict:
         """An experiment's jobs with config, group key, result and per-epoch metrics, for `results` and `report`
         (l2cluster.aggregate.export_experiment): the CLI may not see the store file on a remote cluster."""
         from l2cluster.aggregate import export_experiment
 
-        return export_experiment(self.store, experiment_id, epochs=epochs)
+        return await self._read(lambda store: export_experiment(store, experiment_id, epochs=epochs))
+
+    async def _read(self, read):
+        """`read(store)` in a worker thread on a read-only connection of its own (a Store is not thread-safe): a
+        large experiment's export must not stall the event loop, which schedules and answers `status`."""
+        def in_thread():
+            store = Store.open_read_only(self.store.path)
+            try:
+                return read(store)
+            finally:
+                store.close()
+
+        return await asyncio.to_thread(in_thread)
 
     async def logs(self, job_id: str) -> dict:
         return job_log(self.store, job_id)
