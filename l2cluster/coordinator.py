@@ -3,9 +3,12 @@
 Queue order is priority, then submission. Jobs run concurrently up to what the cluster can hold: a queued job
 takes an idle gang of its shape, or a new gang when the cluster has room, together with the queued jobs of the
 same priority that may be packed with it (l2cluster.packing: one stacked model, up to the pack size the gang's
-device allows). Scheduling reads only keys stored at submission; no config is validated per tick. Every state
-change goes through the store. Idle gangs are released after `idle_release_s`. On start it re-queues what a
-previous coordinator left placing or running (a pack keeps its members), so nothing is lost.
+device allows). Each tick gathers the queue (as packs), the gangs and the free resources, asks the pure
+l2cluster.scheduler.plan what to start, fail or release, and applies that. Scheduling reads only keys stored at
+submission; no config is validated per tick. Every state change goes through the store; reads for `results` and
+`export` run in a worker thread on a read-only connection, off the event loop. Idle gangs are released after
+`idle_release_s`. On start it re-queues what a previous coordinator left placing or running (a pack keeps its
+members), so nothing is lost.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import shlex
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +30,10 @@ from ray.exceptions import RayActorError, RayError
 from l2cluster.checkpoint import remove_job
 from l2cluster.data import DataError
 from l2cluster.errors import NotFoundError
-from l2cluster.gang import Gang, GangShape, RankOutcome, remove_orphaned_placement_groups
+from l2cluster.gang import Gang, RankOutcome, remove_orphaned_placement_groups
 from l2cluster.log import configure_logging, get_logger
-from l2cluster.packing import ASSUMED_GPU_BYTES, max_members, pack_id, take_pack
+from l2cluster.packing import ASSUMED_GPU_BYTES, max_members, pack_id
+from l2cluster.scheduler import Cluster, Fail, GangShape, GangView, NewGang, QueuedPack, Release, Resources, plan
 from l2cluster.states import JobState
 from l2cluster.store import Store, experiment_jobs, experiment_rows, job_dict, job_log
 
@@ -50,6 +55,21 @@ class RunningPack:
     cancel_all: bool = False
     cancelled: set[str] = field(default_factory=set)
     stage: str = "placing"  # shown by `status`: what placing waits for ("loading MNIST", "forming a gang"), "training"
+
+
+@dataclass
+class _Pack:
+    """A queued pack while a tick is planned: a job queued with a pack id (and its pack's other queued members),
+    or a new pack of queued jobs that may train together."""
+
+    head: str
+    shape: GangShape
+    requires_gpu: bool
+    pack_id: str | None  # the pack it rejoins; None: a new pack, recorded when it starts
+    job_ids: list[str]
+
+    def queued(self) -> QueuedPack:
+        return QueuedPack(self.head, self.shape, tuple(self.job_ids), self.requires_gpu)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -76,8 +96,7 @@ class Coordinator:
         self.gpu_bytes: dict[GangShape, int] = {}  # the smallest GPU of each shape's gangs, once one has formed
         self._scalings: dict[str, dict] = {}
         self.placement_failures: dict[str, int] = {}  # job id → gangs that failed to form for it in a row
-        self.pending_cpus = 0.0
-        self.pending_gpus = 0.0
+        self.pending = Resources()  # what gangs being formed will take (not yet shown as used by Ray)
         self.mnist_ref = None
         self._mnist_lock = threading.Lock()  # MNIST loads in a thread (the event loop keeps answering `status`)
         # The latest in-epoch progress and validation accuracy of each running job (memory only, never the store):
@@ -145,15 +164,30 @@ class Coordinator:
         return jobs
 
     async def results(self, experiment_id: str) -> list[dict]:
-        rows = self.store.jobs(self.store.resolve_experiment(experiment_id))
-        return [{**job_dict(r), "result": self.store.result(r["id"])} for r in rows]
+        def read(store: Store) -> list[dict]:
+            rows = store.jobs(store.resolve_experiment(experiment_id))
+            return [{**job_dict(r), "result": store.result(r["id"])} for r in rows]
+
+        return await self._read(read)
 
     async def export(self, experiment_id: str, epochs: bool = True) -> dict:
         """An experiment's jobs with config, group key, result and per-epoch metrics, for `results` and `report`
         (l2cluster.aggregate.export_experiment): the CLI may not see the store file on a remote cluster."""
         from l2cluster.aggregate import export_experiment
 
-        return export_experiment(self.store, experiment_id, epochs=epochs)
+        return await self._read(lambda store: export_experiment(store, experiment_id, epochs=epochs))
+
+    async def _read(self, read):
+        """`read(store)` in a worker thread on a read-only connection of its own (a Store is not thread-safe): a
+        large experiment's export must not stall the event loop, which schedules and answers `status`."""
+        def in_thread():
+            store = Store.open_read_only(self.store.path)
+            try:
+                return read(store)
+            finally:
+                store.close()
+
+        return await asyncio.to_thread(in_thread)
 
     async def logs(self, job_id: str) -> dict:
         return job_log(self.store, job_id)
@@ -264,85 +298,75 @@ class Coordinator:
         return scaling
 
     def _schedule(self) -> None:
+        """One tick: gather the queue (grouped into packs), the gangs and the resources; plan; apply the plan."""
         queued = self.store.queued()
         if not queued:
             return
-        total = ray.cluster_resources()
-        gpus = total.get("GPU", 0)
-        available = ray.available_resources()
-        free_cpus = available.get("CPU", 0) - self.pending_cpus
-        free_gpus = available.get("GPU", 0) - self.pending_gpus
-        taken: set[str] = set()
-        for i, row in enumerate(queued):
-            if row["id"] in taken:
+        total = Resources.of_ray(ray.cluster_resources())
+        free = Resources.of_ray(ray.available_resources()) - self.pending
+        packs = self._packs(queued, total)
+        gangs = [GangView(g.id, g.shape, g.ready, g.busy, g.idle_since) for g in self.gangs.values()]
+        queued_ids = {r["id"] for r in queued}
+        for action in plan([p.queued() for p in packs.values()], gangs, Cluster(total, free)):
+            if isinstance(action, Fail):
+                self.store.finish(action.job_id, "failed", {}, error=action.reason)
+            elif isinstance(action, Release):
+                self._release(self.gangs[action.gang_id], action.reason)
+            else:
+                self._start(packs[action.head], action.gang, queued_ids)
+
+    def _start(self, pack: _Pack, on: str | NewGang, queued_ids: set[str]) -> None:
+        """Start a planned pack on an idle gang (its id) or a new one: its jobs are placing from now on."""
+        if isinstance(on, NewGang):
+            gang = Gang.create(on.shape, strategy=self.strategy, plugin_dirs=self.plugin_dirs)
+            self.gangs[gang.id] = gang
+        else:
+            gang = self.gangs[on]
+        if pack.pack_id:
+            # The pack it was part of when that lost its gang: the same members, to resume from its checkpoints.
+            members = self.store.pack_members(pack.pack_id) or [pack.head]
+            running = RunningPack(pack.pack_id, gang, members, [j for j in members if j in queued_ids], {})
+        else:
+            members = list(pack.job_ids)
+            pid = pack_id(members)
+            self.store.start_pack(pid, members)
+            running = RunningPack(pid, gang, members, list(members), {})
+        gang.busy = True
+        for job_id in running.active:
+            self.store.transition(job_id, JobState.PLACING)
+            self.running[job_id] = running
+        asyncio.get_running_loop().create_task(self._run(running))
+
+    def _packs(self, queued, total: Resources) -> dict[str, _Pack]:
+        """The queue as packs, by head, in queue order: a job queued with a pack id rejoins its pack (the pack it
+        was part of when that lost its gang); the others form packs of the first jobs, in queue order, of the same
+        pack key, shape and priority, up to the pack size (l2cluster.packing). What plan() starts is formed."""
+        gpus = total.gpus
+        key = lambda r: None if r["pack_key"] is None else (r["pack_key"], r["shape_json"], r["priority"])  # noqa: E731
+        same = Counter(key(r) for r in queued if not r["pack_id"])
+        packs: dict[str, _Pack] = {}
+        open_packs: dict[object, _Pack] = {}  # pack id or pack key → the pack that jobs with it join
+        limits: dict[object, int] = {}
+        for row in queued:
+            k = ("pack", row["pack_id"]) if row["pack_id"] else key(row)
+            pack = open_packs.get(k) if k is not None else None
+            if pack is not None and (row["pack_id"] or len(pack.job_ids) < limits[k]):
+                pack.job_ids.append(row["id"])
                 continue
             scaling = self._scaling(row["shape_json"])
             shape = GangShape.of_scaling(scaling, gpus)
-            gang = next((g for g in self.gangs.values() if g.shape == shape and not g.busy), None)
-            if gang is None:
-                need_cpus = shape.cpus_per_worker * shape.num_workers
-                need_gpus = shape.gpus_per_worker * shape.num_workers
-                if need_cpus > total.get("CPU", 0) + 1e-9 or need_gpus > gpus + 1e-9 or (
-                        scaling["use_gpu"] is True and not gpus):
-                    why = (f"needs {need_cpus:g} CPU(s) and {need_gpus:g} GPU(s)"
-                           + (" (scaling.use_gpu: true)" if scaling["use_gpu"] is True else "")
-                           + f"; the whole cluster has {total.get('CPU', 0):g} CPU(s) and {gpus:g} GPU(s): "
-                           "lower scaling.num_workers / cpus_per_worker, or set use_gpu: auto")
-                    self.store.finish(row["id"], "failed", {}, error=why)
-                    continue
-                if need_cpus > free_cpus + 1e-9 or need_gpus > free_gpus + 1e-9:
-                    # Idle gangs of other shapes hold resources: release one to make room for this job.
-                    idle = sorted((g for g in self.gangs.values() if g.ready and not g.busy and g.shape != shape),
-                                  key=lambda g: g.idle_since)
-                    if idle:
-                        self._release(idle[0], "room for another shape")
-                        return  # resources come back asynchronously; schedule again when they have
-                    continue  # no room now; a smaller job further down may still fit
-                free_cpus -= need_cpus
-                free_gpus -= need_gpus
-                gang = Gang.create(shape, strategy=self.strategy, plugin_dirs=self.plugin_dirs)
-                self.gangs[gang.id] = gang
-            running = self._pack(queued, i, shape, gang, taken)
-            gang.busy = True
-            for job_id in running.active:
-                self.store.transition(job_id, JobState.PLACING)
-                self.running[job_id] = running
-            asyncio.get_running_loop().create_task(self._run(running))
-
-    def _pack(self, queued, i: int, shape: GangShape, gang: Gang, taken: set[str]) -> RunningPack:
-        """The pack queued[i] starts: the pack it was part of when that lost its gang (same members, to resume from
-        its checkpoints), else it and the queued jobs after it of the same pack key, shape and priority."""
-        head, rest = queued[i], queued[i + 1:]
-        if head["pack_id"]:
-            members = self.store.pack_members(head["pack_id"]) or [head["id"]]
-            queued = {r["id"] for r in [head, *rest]}
-            active = [j for j in members if j in queued]
-            taken.update(active)
-            return RunningPack(head["pack_id"], gang, members, active, {})
-        limit = self._max_members(head, shape)
-        key = lambda r: None if r["pack_key"] is None else (r["pack_key"], r["shape_json"], r["priority"])  # noqa: E731
-        candidates = [r for r in rest if r["id"] not in taken and not r["pack_id"]]
-        if limit > 1:
-            # Spread a short queue over every gang the cluster can hold at once: one big pack on one gang while
-            # the others idle would make a sweep slower than no packing at all. Counted over the whole queue of
-            # this tick, so that every pack formed in it gets the same size.
-            same = sum(1 for r in queued if not r["pack_id"] and key(r) == key(head))
-            limit = min(limit, -(-same // self._slots(shape)))
-        rows = take_pack(head, candidates, limit, key)
-        members = [r["id"] for r in rows]
-        taken.update(members)
-        pid = pack_id(members)
-        self.store.start_pack(pid, members)
-        return RunningPack(pid, gang, members, list(members), {})
-
-    @staticmethod
-    def _slots(shape: GangShape) -> int:
-        """How many gangs of this shape the whole cluster holds at once."""
-        total = ray.cluster_resources()
-        slots = total.get("CPU", 0) // max(1e-9, shape.cpus_per_worker * shape.num_workers)
-        if shape.gpus_per_worker:
-            slots = min(slots, total.get("GPU", 0) // (shape.gpus_per_worker * shape.num_workers))
-        return max(1, int(slots))
+            pack = packs[row["id"]] = _Pack(row["id"], shape, scaling["use_gpu"] is True, row["pack_id"], [row["id"]])
+            if k is not None and not row["pack_id"]:
+                limit = self._max_members(row, shape)
+                if limit > 1:
+                    # Spread a short queue over every gang the cluster can hold at once: one big pack on one gang
+                    # while the others idle would make a sweep slower than no packing at all. Counted over the
+                    # whole queue of this tick, so that every pack formed in it gets the same size.
+                    limit = min(limit, -(-same[k] // total.count(Resources.of(shape))))
+                limits[k] = limit
+            if k is not None:
+                open_packs[k] = pack
+        return packs
 
     def _max_members(self, head, shape: GangShape) -> int:
         if head["pack_key"] is None:
@@ -366,16 +390,14 @@ class Coordinator:
         try:
             if not gang.ready:
                 shape = gang.shape
-                self.pending_cpus += shape.cpus_per_worker * shape.num_workers
-                self.pending_gpus += shape.gpus_per_worker * shape.num_workers
+                self.pending += Resources.of(shape)  # reserved by its placement group only once that is created
                 try:
                     running.stage = "loading MNIST"
                     mnist = await asyncio.to_thread(self._mnist)
                     running.stage = "forming a gang"
                     await gang.form(mnist, self.form_timeout_s)
                 finally:
-                    self.pending_cpus -= shape.cpus_per_worker * shape.num_workers
-                    self.pending_gpus -= shape.gpus_per_worker * shape.num_workers
+                    self.pending -= Resources.of(shape)
                 log.info("gang_formed", pids=[i["pid"] for i in gang.infos], node=gang.node)
                 sizes = [i["gpu_bytes"] for i in gang.infos if i.get("gpu_bytes")]
                 if sizes:

@@ -31,29 +31,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from l2cluster.data import Mnist, split_mnist
 from l2cluster.log import configure_logging, get_logger
 from l2cluster.process import prepare_training_process
+from l2cluster.scheduler import GangShape  # the shape is the scheduler's (pure); gangs are made of it
 
 # Rank 0 tells the coordinator how far into the epoch its pack is at most this often (one small actor message).
 PROGRESS_EVERY_S = 2.0
-
-
-@dataclass(frozen=True)
-class GangShape:
-    """What a gang offers: jobs with the same shape run on the same gangs."""
-
-    num_workers: int
-    cpus_per_worker: float
-    gpus_per_worker: float  # 0 for CPU gangs
-
-    @classmethod
-    def of_scaling(cls, scaling: dict, gpus_in_cluster: float) -> GangShape:
-        """The shape a job's `scaling` section asks for, on a cluster with this many GPUs."""
-        use_gpu = scaling["use_gpu"] is True or (scaling["use_gpu"] == "auto" and gpus_in_cluster > 0)
-        return cls(scaling["num_workers"], scaling["cpus_per_worker"],
-                   scaling["gpus_per_worker"] if use_gpu else 0.0)
-
-    def bundles(self) -> list[dict[str, float]]:
-        bundle = {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {})}
-        return [dict(bundle) for _ in range(self.num_workers)]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ inside functions) and in a fresh interpreter:
 - the training core (model, trainer, runner, checkpoints, data, plugin contract, check_plugin) never imports Ray:
   it runs in `l2cluster train`, in a gang's rank and in a plugin author's own tests alike;
 - the results code (store, aggregation, report, export, progress) imports neither torch nor Ray: `results`,
-  `report` and `export` start in a fraction of a second and run where neither is installed;
+  `report` and `export` start in a fraction of a second and run where neither is installed; nor does the
+  scheduler, a pure plan unit-tested without Ray;
 - the built-in plugins import l2cluster only through `l2cluster.plugin`, the one public API for plugin authors.
 """
 
@@ -22,7 +23,7 @@ PACKAGE = ROOT / "l2cluster"
 
 CORE = ["model", "trainer", "runner", "checkpoint", "data", "plugin", "testing", "registry", "packing", "states",
         "process"]
-RESULTS = ["store", "aggregate", "report", "export", "progress", "states", "packing", "limits", "log"]
+RESULTS = ["store", "aggregate", "report", "export", "progress", "states", "packing", "limits", "log", "scheduler"]
 
 
 def imports_of(path: Path) -> set[str]:
