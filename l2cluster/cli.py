@@ -946,7 +946,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if isinstance(e, _loaded("l2cluster.spec", "SpecError")):
+        if isinstance(e, _loaded("l2cluster.spec_errors", "SpecError")):
             print(e.render(), file=sys.stderr)
         elif isinstance(e, _user_errors()):
             print(f"error: {e}", file=sys.stderr)
