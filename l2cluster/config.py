@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import weakref
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -23,7 +23,9 @@ from pydantic import (
     model_validator,
 )
 
-from l2cluster.registry import Registry
+if TYPE_CHECKING:
+    from l2cluster.registry import Registry  # only a type here: reading a spec loads no plugin code
+
 
 NUM_PIXELS, NUM_CLASSES = 784, 10
 MAX_SEED = 2**63 - 1  # the store keeps seeds in SQLite INTEGER columns (signed 64-bit)

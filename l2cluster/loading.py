@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import reprlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from l2cluster.config import spec_models
-from l2cluster.registry import Registry
 from l2cluster.spec_errors import Issue, SpecError, issues_from, plugin_problems, union_tags
+
+if TYPE_CHECKING:
+    from l2cluster.registry import Registry  # only a type here: reading a spec loads no plugin code
 
 MAX_SPEC_BYTES = 16 << 20  # a 10,000-value grid is well under 1 MiB
 MAX_DEPTH = 32  # sections nest 4 deep; a variant's `set` a few more

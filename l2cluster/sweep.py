@@ -13,15 +13,17 @@ import math
 import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from l2cluster.config import TrainConfig, Variant, spec_models
 from l2cluster.limits import DEFAULT_MAX_JOBS
 from l2cluster.loading import bools_as_numbers
-from l2cluster.registry import Registry
 from l2cluster.spec_errors import Issue, SpecError, issues_from, plugin_problems, union_tags
+
+if TYPE_CHECKING:
+    from l2cluster.registry import Registry  # only a type here: reading a spec loads no plugin code
 
 # Settings of how the daemon runs a job, not of what it computes: changing them keeps the job's identity.
 NOT_IN_JOB_ID: dict[str, Any] = {"max_attempts": True, "scaling": {"pack"}}
