@@ -128,8 +128,8 @@ class RankWorker:
 
         Returns {"results": {job_id: result}, "resumed_from_epoch", "split"}, or {"error", "traceback"} when the
         run crashed outside the trainer's own handling."""
+        from l2cluster.config import spec_models
         from l2cluster.runner import Member, run_pack
-        from l2cluster.spec import spec_models
 
         self.cancel_all.clear()
         self.cancelled_jobs = set()
