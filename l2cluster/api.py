@@ -326,7 +326,7 @@ def spec_data(spec) -> tuple[dict, str]:
     for it in errors."""
     from pydantic import BaseModel
 
-    from l2cluster.spec import read_spec_file
+    from l2cluster.loading import read_spec_file
 
     if isinstance(spec, (str, Path)):
         data, source = read_spec_file(spec), str(spec)
@@ -478,7 +478,7 @@ def run(spec, *, store: str | Path | None = None, num_cpus: int | None = None, d
 
     `options` go to the coordinator: idle_release_s, strategy, checkpoint_dir, max_jobs, max_pack."""
     from l2cluster import daemon
-    from l2cluster.spec import parse_spec
+    from l2cluster.loading import parse_spec
 
     data, source = spec_data(spec)
     parse_spec(data, load_plugins(plugin_dirs), source=source)  # a bad field is a SpecError before Ray starts

@@ -33,7 +33,8 @@ def _registry(args):
 
 
 def _load(args, registry):
-    from l2cluster.spec import expand, load_spec
+    from l2cluster.loading import load_spec
+    from l2cluster.sweep import expand
 
     spec = load_spec(args.spec, registry)
     jobs = expand(spec, registry, max_jobs=args.max_jobs)
@@ -52,7 +53,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from l2cluster.spec import spec_models
+    from l2cluster.config import spec_models
 
     schema = spec_models(_registry(args)).experiment.model_json_schema()
     print(json.dumps(schema, indent=2))
@@ -591,7 +592,7 @@ def cmd_run(args) -> int:
 
     from l2cluster import daemon
     from l2cluster.api import run_coordinator
-    from l2cluster.spec import read_spec_file
+    from l2cluster.loading import read_spec_file
 
     spec = read_spec_file(args.spec)
     store = Path(args.store or daemon.default_store()).resolve()

@@ -131,8 +131,9 @@ class Coordinator:
         client sees (l2cluster.registry.versions). Raises SpecError (with every bad field), or PluginChangedError
         when a plugin the jobs use is not the code this daemon loaded. Returns the experiment id and the counts
         of its jobs: all, new, reused, rerun."""
+        from l2cluster.loading import parse_spec
         from l2cluster.registry import check_unchanged
-        from l2cluster.spec import expand, experiment_id, parse_spec
+        from l2cluster.sweep import expand, experiment_id
 
         self._ensure_loop()
         parsed = parse_spec(spec, self.registry, source=source)

@@ -123,8 +123,8 @@ class RankWorker:
         """Train one pack (one job: a pack of one) through the job runner; rank 0 reports each member's epochs
         and early results to the coordinator, any rank its notes (a checkpoint not written). Never raises: a crash
         is a result (RankOutcome.crashed)."""
+        from l2cluster.config import spec_models
         from l2cluster.runner import Member, run_pack
-        from l2cluster.spec import spec_models
 
         self.cancel_all.clear()
         self.cancelled_jobs = set()

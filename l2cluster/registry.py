@@ -79,7 +79,6 @@ class Registry:
     def __init__(self) -> None:
         self._plugins: dict[str, PluginInfo] = {}
         self.problems: list[PluginInfo] = []
-        self.spec_models = None  # the spec classes built from these plugins (l2cluster.spec caches them here)
 
     # -- registration ---------------------------------------------------------------------------------------
     def register(self, cls: object, origin: str, version: str = "", *, path: str | None = None,
@@ -106,7 +105,6 @@ class Registry:
         info = PluginInfo(name, origin, "ok", hooks=hooks, config_model=config_model, cls=cls, version=version,
                           path=path, dist=dist)
         self._plugins[name] = info
-        self.spec_models = None
         return info
 
     def add_problem(self, name: str, origin: str, status: Literal["refused", "unavailable"], reason: str) -> None:

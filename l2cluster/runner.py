@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from l2cluster.checkpoint import CheckpointWriteError, JobCheckpoints
+from l2cluster.config import TrainConfig
 from l2cluster.packing import pack_id as make_pack_id
 from l2cluster.plugin import HookError
 from l2cluster.trainer import RunResult, Trainer
@@ -35,7 +35,7 @@ class Member:
     """One job of a pack: its id and validated TrainConfig."""
 
     job_id: str
-    config: Any
+    config: TrainConfig
 
 
 @dataclass

@@ -140,7 +140,7 @@ def check_plugin(cls: type, settings: Sequence[Mapping] | None = None, *, ddp: b
 
 
 def _config(registry, name: str, setting: Mapping, *, seed: int, optimizer: Mapping | None, epochs: int = 2):
-    from l2cluster.spec import spec_models
+    from l2cluster.config import spec_models
 
     fields = {**_BASE, "seed": seed, "epochs": epochs, "regularizers": [{"name": name, **setting}]}
     if optimizer is not None:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from l2cluster.config import TrainConfig
 from l2cluster.data import Splits
 from l2cluster.model import StackedMLP
 from l2cluster.packing import stack_key
@@ -81,7 +82,7 @@ _HOOKS = ("on_batch", "on_activation", "example_penalty", "penalty", "on_gradien
           "eval_params")
 
 
-def pack_key(config) -> str:
+def pack_key(config: TrainConfig) -> str:
     """Jobs with equal keys can be trained stacked: they differ only in seed and numeric plugin settings."""
     return stack_key(config.model_dump(mode="json"))
 
@@ -89,7 +90,7 @@ def pack_key(config) -> str:
 class Trainer:
     """Trains `configs` (TrainConfigs that share a pack_key) as one stacked model."""
 
-    def __init__(self, configs: Sequence, splits: Splits, registry: Registry, *,
+    def __init__(self, configs: Sequence[TrainConfig], splits: Splits, registry: Registry, *,
                  device: torch.device | str | None = None, cuda_graphs: bool | None = None):
         if not configs:
             raise ValueError("Trainer needs at least one config")

@@ -1,8 +1,8 @@
 """Import rules between the stages of the data flow, checked on the code itself (every import statement, also those
 inside functions) and in a fresh interpreter:
 
-- the training core (model, trainer, runner, checkpoints, data, plugin contract, check_plugin) never imports Ray:
-  it runs in `l2cluster train`, in a gang's rank and in a plugin author's own tests alike;
+- the training core (job specs, model, trainer, runner, checkpoints, data, plugin contract, check_plugin) never
+  imports Ray: it runs in `l2cluster train`, in a gang's rank and in a plugin author's own tests alike;
 - the results code (store, aggregation, report, export, progress) imports neither torch nor Ray: `results`,
   `report` and `export` start in a fraction of a second and run where neither is installed; nor does the
   scheduler, a pure plan unit-tested without Ray;
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "l2cluster"
 
 CORE = ["model", "trainer", "runner", "checkpoint", "data", "plugin", "testing", "registry", "packing", "states",
-        "process"]
+        "process", "config", "spec_errors", "loading", "sweep", "spec"]
 RESULTS = ["store", "aggregate", "report", "export", "progress", "states", "packing", "limits", "log", "scheduler"]
 
 

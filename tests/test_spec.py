@@ -3,16 +3,20 @@ traceback), and sweeps expand to the right jobs with stable ids."""
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import yaml
-from support import config, registry
+from support import InfGradients, config, registry, registry_with
 
 from l2cluster.cli import main
+from l2cluster.config import TrainConfig, spec_models
+from l2cluster.registry import Registry
 from l2cluster.spec import SpecError, count_jobs, expand, load_spec, parse_spec
 from l2cluster.trainer import build_optimizer
 
@@ -185,3 +189,30 @@ def test_job_ids_of_earlier_stores_stay_the_same_and_how_a_job_runs_is_not_part_
         assert other.id == job.id and other.group == job.group, change
     (tf32,) = expand(parse_spec({**BASE, "model": {"tf32": True}}, registry()), registry())
     assert tf32.id != job.id
+
+
+def test_a_jobs_config_is_a_train_config_whose_regularizers_are_the_registrys_plugin_configs():
+    (job,) = expand(parse_spec({**BASE, "regularizers": [{"name": "l2"}]}, registry()), registry())
+    assert isinstance(job.config, TrainConfig) and type(job.config) is not TrainConfig
+    assert type(job.config) is spec_models(registry()).train
+    assert job.config.regularizers[0] == registry().get("l2").config_model(name="l2")
+    assert set(TrainConfig.model_fields) == set(spec_models(registry()).train.model_fields)
+
+
+def test_the_spec_models_are_built_once_per_registry_and_again_when_a_plugin_is_added():
+    """They are cached by registry, not stored on it; registering a plugin later makes its name valid."""
+    reg = registry_with()
+    first = spec_models(reg)
+    assert spec_models(reg) is first
+    assert not hasattr(reg, "spec_models")
+    with pytest.raises(SpecError, match="inf_gradients"):
+        parse_spec({**BASE, "regularizers": [{"name": "inf_gradients"}]}, reg)
+    reg.register(InfGradients, "test")
+    assert spec_models(reg) is not first
+    assert parse_spec({**BASE, "regularizers": [{"name": "inf_gradients"}]}, reg).regularizers[0].when == 0
+    other = Registry()
+    assert spec_models(other) is not spec_models(reg)
+    gone = weakref.ref(other)
+    del other
+    gc.collect()
+    assert gone() is None  # the cache does not keep a registry alive
