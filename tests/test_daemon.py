@@ -20,6 +20,8 @@ from support import is_loopback, listening_sockets, local_daemon, process_tree, 
 from l2cluster.cli import main
 from l2cluster.store import Store
 
+pytestmark = pytest.mark.slow  # every test runs on a local Ray (one starts a daemon process)
+
 TINY = {"model": {"hidden_sizes": [16]}, "data": {"batch_size": 50, "val_size": 100},
         "optimizer": {"name": "adam", "lr": 0.01}, "epochs": 1}
 
@@ -64,8 +66,10 @@ def test_submit_wait_runs_two_rank_jobs_and_stores_their_results(cluster, tmp_pa
     assert capsys.readouterr().out.count("succeeded") == 4
     assert main(["logs", jobs[0]["id"]]) == 0
     log = capsys.readouterr().out
-    assert "queued → placing" in log.replace("  ", " ") or "placing" in log
-    assert "running → succeeded" in re.sub(r"\s+", " ", log)
+    # cmd_logs prints f"{at}  {from:>9} → {to:<9} attempt {n}  {detail}"; an attempt counts from entering running.
+    at = r"\d\d:\d\d:\d\d"
+    assert re.search(rf"^{at}     queued → placing   attempt 0(  \S.*)?$", log, re.M), log
+    assert re.search(rf"^{at}    running → succeeded attempt 1(  \S.*)?$", log, re.M), log
 
 
 def test_one_and_two_ranks_train_the_same_parameters(cluster, tmp_path, capsys):
