@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -175,25 +176,46 @@ def test_an_attempt_that_resumes_reports_the_epochs_of_its_checkpoint(cluster, m
     assert [e["epoch"] for e in store.epochs(job.id)] == list(range(1, JOB["epochs"] + 1))
 
 
-def test_the_cli_waits_out_a_coordinator_restart(cluster, capsys):
+def test_the_cli_waits_out_a_coordinator_restart(cluster, capsys, monkeypatch):
     """A CLI call in flight when the coordinator dies (`submit --wait` polls for minutes) is asked again of the
     restarted coordinator instead of ending the command: every coordinator call is safe to repeat."""
     from concurrent.futures import ThreadPoolExecutor
 
     from l2cluster.cli import main
 
+    # Each wait of the CLI's thread on a coordinator call: when it began and what ended it. The first must begin
+    # before the kill (sent to a stopped process) and end in the coordinator's death; an answer to a call asked
+    # again after the kill ends the command.
+    real_get, asked = ray.get, []
+
+    def recording_get(*args, **kwargs):
+        if not threading.current_thread().name.startswith("cli"):
+            return real_get(*args, **kwargs)
+        wait = {"at": time.monotonic(), "error": None}
+        asked.append(wait)
+        try:
+            return real_get(*args, **kwargs)
+        except BaseException as e:
+            wait["error"] = e
+            raise
+
     pid = call(cluster["handle"], "ping")["pid"]
     os.kill(pid, signal.SIGSTOP)  # the call below reaches a process that cannot answer, then dies
     try:
-        with ThreadPoolExecutor(1) as pool:
+        monkeypatch.setattr(ray, "get", recording_get)
+        with ThreadPoolExecutor(1, thread_name_prefix="cli") as pool:
             status = pool.submit(main, ["status"])
-            time.sleep(1.0)
+            wait_for(lambda: asked, "the CLI to wait on the stopped coordinator", timeout_s=30)
+            killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             assert status.result(timeout=120) == 0
     finally:
+        monkeypatch.undo()
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert "experiment" in capsys.readouterr().out
+    assert asked[0]["at"] < killed_at and isinstance(asked[0]["error"], RayActorError), asked
+    assert asked[-1]["at"] > killed_at and asked[-1]["error"] is None, asked
     assert call(cluster["handle"], "ping")["pid"] != pid
 
 
