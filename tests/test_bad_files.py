@@ -105,6 +105,7 @@ def test_train_names_a_corrupt_or_missing_mnist_file_and_touches_nothing(tmp_pat
     assert listing(data) == before
 
 
+@pytest.mark.slow  # a local Ray and a coordinator
 def test_run_with_corrupt_mnist_fails_the_job_with_the_reason(tmp_path, tiny_mnist_dir, capsys):
     data = broken_mnist(tiny_mnist_dir, tmp_path / "data")
     before = listing(data)

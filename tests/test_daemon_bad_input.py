@@ -17,6 +17,8 @@ from l2cluster.cli import main
 from l2cluster.spec import SpecError
 from l2cluster.store import Store
 
+pytestmark = pytest.mark.slow  # every test runs on the module's local Ray
+
 MAX_JOBS = 100
 TINY = {"model": {"hidden_sizes": [16]}, "data": {"batch_size": 50, "val_size": 100},
         "optimizer": {"name": "adam", "lr": 0.01}, "epochs": 1}
