@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from support import is_loopback, listening_sockets, local_daemon, process_tree, wait_for
+from support import is_loopback, listening_sockets, local_daemon, process_tree, run_cli, spec_file, wait_for
 
 from l2cluster.cli import main
 from l2cluster.store import Store
@@ -33,10 +32,7 @@ def cluster(tmp_path_factory, tiny_mnist_dir):
         yield c
 
 
-def write_spec(tmp_path, name, **fields):
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, **TINY, **fields}))
-    return str(path)
+write_spec = functools.partial(spec_file, base=TINY)  # write_spec(directory, name, **fields)
 
 
 def submit(spec, *extra, capsys):
@@ -136,8 +132,7 @@ def test_a_bad_spec_is_refused_and_the_daemon_keeps_serving(cluster, tmp_path, c
 
 def _cli(*args, env):
     env = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}  # as in a user's shell
-    return subprocess.run([sys.executable, "-m", "l2cluster.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=240)
+    return run_cli(*args, env=env)
 
 
 def test_status_survives_a_daemon_restart(tmp_path, tiny_mnist_dir):

@@ -13,8 +13,9 @@ import time
 import pytest
 import ray
 from ray.exceptions import RayActorError
-from support import local_daemon, wait_for
+from support import call, finished, local_daemon, wait_for
 
+from l2cluster.states import JobState
 from l2cluster.store import Store
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,6 @@ pytestmark = pytest.mark.slow
 # to be interrupted mid-run. Dropout makes the per-rank random streams part of what must be restored.
 JOB = {"model": {"hidden_sizes": [32]}, "data": {"batch_size": 20, "val_size": 500, "train_size": 2000},
        "optimizer": {"name": "adam", "lr": 0.003}, "regularizers": [{"name": "dropout", "p": 0.1}], "epochs": 6}
-TERMINAL = {"succeeded", "failed", "diverged", "cancelled"}
 TIMINGS = {"train_s", "epoch_s"}
 
 
@@ -33,29 +33,12 @@ def cluster(tmp_path_factory, mnist_dir):
         yield c
 
 
-def call(handle, method, *args, timeout=120.0):
-    """A coordinator call that waits out a coordinator restart."""
-    deadline = time.time() + timeout
-    while True:
-        try:
-            return ray.get(getattr(handle, method).remote(*args), timeout=30)
-        except RayActorError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.5)
-
-
 def submit(cluster, name, **fields):
     return call(cluster["handle"], "submit", {"name": name, **JOB, **fields})["experiment"]
 
 
 def wait_until(predicate):
     return wait_for(predicate, timeout_s=240.0)
-
-
-def finished(cluster, experiment):
-    jobs = call(cluster["handle"], "status", experiment)
-    return jobs if all(j["state"] in TERMINAL for j in jobs) else None
 
 
 def outcome(store, job_id):
@@ -133,7 +116,7 @@ def test_a_killed_coordinator_is_restarted_and_loses_nothing(cluster):
                                         for e in store.events(j["job"]))]
     assert restarted, "no job was in flight when the coordinator died"
     for j in jobs:
-        terminal = [e for e in store.events(j["job"]) if e["new_state"] in TERMINAL]
+        terminal = [e for e in store.events(j["job"]) if JobState(e["new_state"]).is_terminal]
         assert len(terminal) == 1, f"{j['job']} finished {len(terminal)} times"
     # The dead gangs' placement groups were released: only the live gangs hold resources.
     held = [pg for pg in ray.util.placement_group_table().values()
