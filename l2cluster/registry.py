@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, create_model
 
@@ -78,7 +78,7 @@ class Registry:
     def __init__(self) -> None:
         self._plugins: dict[str, PluginInfo] = {}
         self.problems: list[PluginInfo] = []
-        self.spec_models = None  # the spec classes built from these plugins (l2cluster.spec caches them here)
+        self.spec_models: Any = None  # the spec classes built from these plugins (l2cluster.spec caches them here)
 
     # -- registration ---------------------------------------------------------------------------------------
     def register(self, cls: object, origin: str, version: str = "", *, path: str | None = None,
@@ -169,7 +169,8 @@ def _entry_model(name: str, cls: type, config: type[BaseModel]) -> type[BaseMode
         f"{type_name(name)}Config",
         __base__=config,
         __doc__=(config.__doc__ or cls.__doc__ or "").strip() or None,
-        name=(Literal[name], Field(description=f"Selects the {name!r} regularizer.")),
+        # type-check: pydantic's typing of models built at run time
+        name=(Literal[name], Field(description=f"Selects the {name!r} regularizer.")),  # type: ignore[arg-type]
     )
 
 
@@ -344,6 +345,8 @@ def load_directory(registry: Registry, directory: str | Path) -> None:
         module_name = f"l2cluster_plugindir_{tag}_{path.stem}"
         try:
             spec = importlib.util.spec_from_file_location(module_name, path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"{path} cannot be imported as a module")
             module = importlib.util.module_from_spec(spec)
             sys.modules[module_name] = module
             spec.loader.exec_module(module)

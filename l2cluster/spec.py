@@ -16,7 +16,7 @@ import json
 import math
 import re
 import reprlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -154,7 +154,8 @@ class AdamConfig(_Optimizer):
 class AdamWConfig(AdamConfig):
     """torch.optim.AdamW; its weight_decay is decoupled (Loshchilov & Hutter) and defaults to 0 here."""
 
-    name: Literal["adamw"]
+    # type-check: pydantic's typing of models built at run time
+    name: Literal["adamw"]  # type: ignore[assignment]
 
 
 class ConstantSchedule(_Strict):
@@ -312,21 +313,25 @@ class SpecModels:
 def _build_models(union) -> SpecModels:
     reg_type = list[union] if union is not None else list[dict]  # no plugins: any entry is refused below
     fields = dict(
-        model=(ModelConfig, Field(default_factory=ModelConfig, description="The MLP.")),
-        data=(DataConfig, Field(default_factory=DataConfig, description="Splits and batch size.")),
+        # type-check: pydantic's typing of models built at run time
+        model=(ModelConfig, Field(default_factory=ModelConfig, description="The MLP.")),  # type: ignore[arg-type]
+        # type-check: pydantic's typing of models built at run time
+        data=(DataConfig, Field(default_factory=DataConfig, description="Splits and batch size.")),  # type: ignore[arg-type]
         optimizer=(OptimizerConfig, Field(description="sgd, adam or adamw; name it explicitly.")),
         schedule=(ScheduleConfig, Field(default_factory=ConstantSchedule, description="Learning-rate schedule.")),
         epochs=(int, Field(10, ge=1, le=10000, description="Passes over the training split.")),
         seed=(int, Field(0, ge=0, description="Seed of initialisation, batch order and dropout.")),
         regularizers=(reg_type, Field(default_factory=list, description="Regularizer plugins, by `name`.")),
-        scaling=(ScalingConfig, Field(default_factory=ScalingConfig, description="DDP ranks and resources.")),
+        # type-check: pydantic's typing of models built at run time
+        scaling=(ScalingConfig, Field(default_factory=ScalingConfig, description="DDP ranks and resources.")),  # type: ignore[arg-type]
         max_attempts=(int, Field(3, ge=1, le=100, description=(
             "How many times the daemon starts a job before it gives up: a lost rank, node or coordinator sends "
             "the job back to the queue, to resume from its last checkpoint. A failed or diverged run is final."))),
     )
     validators = {"_cross_field": model_validator(mode="after")(_check_train_config),
                   "_seed_range": field_validator("seed")(_check_seed)}
-    train = create_model(
+    # type-check: pydantic's typing of models built at run time
+    train = create_model(  # type: ignore[call-overload]
         "TrainConfig", __config__=ConfigDict(extra="forbid"), __validators__=validators,
         __doc__="Everything one training run needs.", **fields,
     )
@@ -337,7 +342,8 @@ def _build_models(union) -> SpecModels:
                                 "digit; part of every job id and directory name.",
                     json_schema_extra={"pattern": f"^{NAME_RE.pattern}$"})),
         description=(str, Field("", max_length=2000, description="Free text shown with results.")),
-        sweep=(SweepConfig, Field(default_factory=SweepConfig, description="Grid × seeds to run.")),
+        # type-check: pydantic's typing of models built at run time
+        sweep=(SweepConfig, Field(default_factory=SweepConfig, description="Grid × seeds to run.")),  # type: ignore[arg-type]
     )
     return SpecModels(train, experiment)
 
@@ -384,7 +390,7 @@ def _loc(loc: Sequence[Any]) -> str:
     return out
 
 
-def _hint(err: dict, problems: dict[str, str]) -> str:
+def _hint(err: Mapping[str, Any], problems: dict[str, str]) -> str:
     kind, msg = err["type"], err["msg"]
     tag = (err.get("ctx") or {}).get("tag")
     if kind == "union_tag_invalid" and tag in problems:  # a plugin by that name exists but could not be loaded
@@ -774,7 +780,8 @@ def expand(spec, registry: Registry, *, max_jobs: int = DEFAULT_MAX_JOBS) -> lis
     train_model = spec_models(registry).train
     base = spec.model_dump(mode="json", exclude={"name", "description", "sweep"})
     seeds = spec.sweep.seeds or [spec.seed]
-    variants = list(enumerate(spec.sweep.variants)) or [(None, Variant(label="base"))]
+    # type-check: None is the index of the base variant
+    variants = list(enumerate(spec.sweep.variants)) or [(None, Variant(label="base"))]  # type: ignore[list-item]
     jobs: list[Job] = []
     seen: set[str] = set()
     for vi, variant in variants:
