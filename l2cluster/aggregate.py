@@ -116,7 +116,8 @@ class Stat:
 
     @property
     def half_width(self) -> float | None:
-        return None if self.ci_high is None else self.ci_high - self.mean
+        # type-check: ci_high is only set together with mean
+        return None if self.ci_high is None else self.ci_high - self.mean  # type: ignore[operator]
 
 
 def summarize(values: Iterable[float | None], confidence: float = CONFIDENCE) -> Stat:
@@ -156,10 +157,12 @@ def welch(a: Iterable[float | None], b: Iterable[float | None], confidence: floa
     sa, sb = summarize(a), summarize(b)
     if sa.n == 0 or sb.n == 0:
         return None
-    delta = sb.mean - sa.mean
+    # type-check: n >= 1 here (returned above): mean is set
+    delta = sb.mean - sa.mean  # type: ignore[operator]
     if sa.n < 2 or sb.n < 2:
         return Welch(delta, None, None, None, None, None, None)
-    va, vb = sa.sd**2 / sa.n, sb.sd**2 / sb.n
+    # type-check: n >= 2 here (returned above): sd is set
+    va, vb = sa.sd**2 / sa.n, sb.sd**2 / sb.n  # type: ignore[operator]
     se = math.sqrt(va + vb)
     if se == 0:
         return Welch(delta, 0.0, None, None, None, None, None)
@@ -267,7 +270,8 @@ def strength_axis(label: str, overrides: dict, config: dict) -> Axis:
     x_path = reg_paths[0] if len(reg_paths) == 1 else (next(iter(numeric)) if len(numeric) == 1 else None)
     rest = settings_text({k: v for k, v in overrides.items() if k != x_path})
     if x_path is None or (not regs and x_path.startswith("regularizers.")):
-        name = label or ("none" if not regs else "+".join(regs))
+        # type-check: the regularizer names of a spec: never None
+        name = label or ("none" if not regs else "+".join(regs))  # type: ignore[arg-type]
         return Axis(name if rest == "-" else f"{name} {rest}", None, None)
     parts = x_path.split(".")
     if parts[0] == "regularizers" and len(parts) >= 3:
@@ -278,7 +282,8 @@ def strength_axis(label: str, overrides: dict, config: dict) -> Axis:
         name = reg if not label or label == reg else f"{label} ({reg})"
     else:
         knob = x_path
-        name = label or ("+".join(regs) if regs else "none")
+        # type-check: the regularizer names of a spec: never None
+        name = label or ("+".join(regs) if regs else "none")  # type: ignore[arg-type]
     if rest != "-":
         name = f"{name} {rest}"
     x = float(numeric[x_path])
@@ -355,7 +360,7 @@ def _curves(jobs: list[dict]) -> list[dict]:
     out = []
     for epoch in sorted(by_epoch):
         rows = by_epoch[epoch]
-        point = {"epoch": epoch, "n": len(rows)}
+        point: dict[str, Any] = {"epoch": epoch, "n": len(rows)}
         for key in (*CURVE_METRICS, *DYNAMICS_METRICS):
             values = [float(r[key]) for r in rows if _is_number(r.get(key))]
             point[key] = summarize(values).mean

@@ -491,5 +491,5 @@ def run(spec, *, store: str | Path | None = None, num_cpus: int | None = None, d
             print(f"{sub['experiment']}: {sub['jobs']} job(s), {sub['new']} new, {sub['reused']} reused from the "
                   f"store, {sub['rerun']} rerun", file=sys.stderr)
         Experiment(sub["experiment"], _Daemon(), sub).wait(progress)
-    source = _StoreFile(target.store) if target.started else _Daemon(address)
-    return Experiment(sub["experiment"], source, submission=sub)
+    reader = _StoreFile(target.store) if target.started else _Daemon(address)
+    return Experiment(sub["experiment"], reader, submission=sub)

@@ -296,13 +296,13 @@ def _final_tables(export: dict, width: int | None) -> str:
 
     jobs = _results_table(export["jobs"], width)
     header, rows = summary_rows(group_jobs(export))
-    dropped = []
+    dropped: list[str] = []
     if width is not None:
         header, rows, dropped = fit_columns(
             header, rows, width, drop=("weight norm", "test loss ± 95% CI", "best val acc % (epoch)", "test acc sd",
                                        "gap pp ± 95% CI"), cut=(("configuration", 16),))
     ranked = text_table(header, rows)
-    if dropped:
+    if dropped and width is not None:  # only a width drops columns
         ranked += "\n" + textwrap.fill(f"(left out to fit {width} columns: {', '.join(dropped)}; `l2cluster results "
                                        f"{export['experiment']}` shows them)", width)
     return jobs + "\n\n" + ranked
@@ -325,8 +325,8 @@ def _results_table(rows: list[dict], width: int | None = None) -> str:
         return _table(header, out)
     header, out, dropped = fit_columns(header, out, width, drop=("node", "epochs"))
     if len(_table(header, out).splitlines()[1]) > width:  # job ids as the progress display shows them: 8 digits
-        for r in out:
-            r[0] = r[0][:8]
+        for cells in out:
+            cells[0] = cells[0][:8]
     header, out, _ = fit_columns(header, out, width, cut=(("error", 12), ("configuration", 16)))
     note = textwrap.fill(f"(left out to fit {width} columns: {', '.join(dropped)})", width) if dropped else ""
     return _table(header, out) + ("\n" + note if note else "")
@@ -368,9 +368,9 @@ def cmd_status(args) -> int:
         return 0
     jobs = _read(args, lambda store: experiment_jobs(store, args.experiment),
                  lambda: _daemon_call("status", args.experiment))
-    rows = [(j["job"], j["label"] or "-", j["seed"], j["state"], j["epoch"], j["attempts"], _pack_cell(j),
-             j["node"] or "-") for j in jobs]
-    _print_rows(args.format, ("job", "variant", "seed", "state", "epoch", "attempts", "pack", "node"), rows, jobs)
+    job_rows = [(j["job"], j["label"] or "-", j["seed"], j["state"], j["epoch"], j["attempts"], _pack_cell(j),
+                 j["node"] or "-") for j in jobs]
+    _print_rows(args.format, ("job", "variant", "seed", "state", "epoch", "attempts", "pack", "node"), job_rows, jobs)
     if args.format == "table":  # whole, under the table: a note names a file and an OS error
         for j in jobs:
             if j.get("note"):
@@ -395,7 +395,7 @@ def _read(args, from_store, from_daemon):
     return from_daemon()
 
 
-def _print_rows(fmt: str, header: Sequence[str], rows: Sequence[Sequence], records: list[dict]) -> None:
+def _print_rows(fmt: str, header: Sequence[str], rows: Sequence[Sequence], records: list[dict] | dict) -> None:
     """A command's rows as an aligned table, CSV (the table's columns) or JSON (the full records)."""
     if fmt == "json":
         print(json.dumps(records, indent=2, default=str))

@@ -145,7 +145,8 @@ class AdamConfig(_Optimizer):
 class AdamWConfig(AdamConfig):
     """torch.optim.AdamW; its weight_decay is decoupled (Loshchilov & Hutter) and defaults to 0 here."""
 
-    name: Literal["adamw"]
+    # type-check: each optimizer narrows the tag to its own name (pydantic's discriminated union)
+    name: Literal["adamw"]  # type: ignore[assignment]
 
 
 class ConstantSchedule(_Strict):
@@ -228,9 +229,12 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    # type-check: pydantic takes a model class as its default factory
+
+    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
     """The MLP."""
-    data: DataConfig = Field(default_factory=DataConfig)
+    # type-check: pydantic takes a model class as its default factory
+    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
     """Splits and batch size."""
     optimizer: OptimizerConfig
     """sgd, adam or adamw; name it explicitly."""
@@ -243,7 +247,8 @@ class TrainConfig(BaseModel):
     regularizers: list[Any] = Field(default_factory=list)
     """Regularizer plugins, by `name`. Typed loosely here: the model `spec_models(registry).train` types each entry
     as the config of one of the registry's plugins."""
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    # type-check: pydantic takes a model class as its default factory
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)  # type: ignore[arg-type]
     """DDP ranks and resources."""
     max_attempts: int = Field(3, ge=1, le=100)
     """How many times the daemon starts a job before it gives up: a lost rank, node or coordinator sends the job \
@@ -342,7 +347,8 @@ def _build_models(union) -> SpecModels:
                                 "digit; part of every job id and directory name.",
                     json_schema_extra={"pattern": f"^{NAME_RE.pattern}$"})),
         description=(str, Field("", max_length=2000, description="Free text shown with results.")),
-        sweep=(SweepConfig, Field(default_factory=SweepConfig, description="Grid × seeds to run.")),
+        # type-check: pydantic takes a model class as its default factory
+        sweep=(SweepConfig, Field(default_factory=SweepConfig, description="Grid × seeds to run.")),  # type: ignore[arg-type]
     )
     return SpecModels(train, experiment)
 

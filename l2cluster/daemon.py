@@ -91,7 +91,8 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     _stay_on_loopback()
     # address="local": always a new cluster of our own; without it ray.init() joins any Ray already running here.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+             # type-check: Ray's annotations are narrower than what it accepts
+             namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR", configure_logging=False)  # type: ignore[arg-type]
 
 
 def connect(address: str | None = None) -> None:
@@ -122,12 +123,14 @@ def connect(address: str | None = None) -> None:
         # A client joining a cluster sends its token only in token mode; Ray does not infer it from the file.
         # Ray reads its config once per process, so refresh it as Ray's own token set-up does.
         os.environ["RAY_AUTH_MODE"] = "token"
-        from ray._raylet import Config
+        # type-check: a compiled module without type information
+        from ray._raylet import Config  # type: ignore[attr-defined]
 
         Config.initialize("")
     for attempt in range(3):
         try:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR",
+            # type-check: Ray's annotations are narrower than what it accepts
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR",  # type: ignore[arg-type]
                      configure_logging=False)
             return
         except (ConnectionError, RuntimeError) as e:
@@ -177,7 +180,8 @@ def start_coordinator(store: str | Path, *, plugin_dirs=(), data_dir: str | None
     head = {"node:__internal_head__": 0.001} if "node:__internal_head__" in ray.cluster_resources() else {}
     from l2cluster.coordinator import Coordinator  # imports torch: only where a coordinator is started
 
-    handle = Coordinator.options(
+    # type-check: Ray's actor decorators are not typed
+    handle = Coordinator.options(  # type: ignore[attr-defined]
         name=NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached" if detached else None,
         resources=head,
     ).remote(str(Path(store).expanduser().resolve()), plugin_dirs=list(plugin_dirs), data_dir=data_dir,
@@ -324,8 +328,8 @@ def host_main(argv=None) -> int:
         with contextlib.suppress(Exception):  # stopping anyway
             ray.get(handle.shutdown.remote(), timeout=20)
     finally:
-        state = read_state()
-        if state and state.get("pid") == os.getpid():
+        left = read_state()
+        if left and left.get("pid") == os.getpid():
             _state_file().unlink(missing_ok=True)
         ray.shutdown()
         with contextlib.suppress(Exception):  # the coordinator closed the store; this is for one that could not

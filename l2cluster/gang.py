@@ -19,6 +19,7 @@ import time
 import traceback
 import uuid
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -53,7 +54,8 @@ class RankOutcome:
         return self.traceback is not None
 
 
-@ray.remote(max_concurrency=2)  # a second thread takes cancel() while run() trains
+# type-check: Ray's actor decorators are not typed
+@ray.remote(max_concurrency=2)  # type: ignore[call-overload]  # a second thread takes cancel() while run() trains
 class RankWorker:
     """One DDP rank. Lives as long as its gang; trains one pack (one or more jobs) at a time."""
 
@@ -95,9 +97,11 @@ class RankWorker:
                                "in the workers' environment")
         for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
             os.environ.setdefault(var, interface)
-        listen_fd = {"master_listen_fd": self.rendezvous.fileno()} if self.rank == 0 else {}
+        # type-check: rank 0 opened the rendezvous socket before it gets here
+        listen_fd = {"master_listen_fd": self.rendezvous.fileno()} if self.rank == 0 else {}  # type: ignore[union-attr]
         store = dist.TCPStore(address, port, self.world, self.rank == 0, timeout=timedelta(seconds=300),
-                              wait_for_workers=False, **listen_fd)
+                              # type-check: torch's stub does not list master_listen_fd
+                              wait_for_workers=False, **listen_fd)  # type: ignore[arg-type]
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world)
         self.process_groups_started += 1
         with warnings.catch_warnings():  # object-store arrays are read-only; the trainer copies them to floats
@@ -119,7 +123,7 @@ class RankWorker:
             self.cancelled_jobs.add(job_id)
 
     def run(self, pack_id: str, members: list[tuple[str, dict]], attempt: int, coordinator,
-            checkpoint_dir: str | None = None, done: list[str] = ()) -> RankOutcome:
+            checkpoint_dir: str | None = None, done: Sequence[str] = ()) -> RankOutcome:
         """Train one pack (one job: a pack of one) through the job runner; rank 0 reports each member's epochs
         and early results to the coordinator, any rank its notes (a checkpoint not written). Never raises: a crash
         is a result (RankOutcome.crashed)."""
@@ -136,7 +140,8 @@ class RankWorker:
             d = pack[0].config.data
             key = (d.val_size, d.split_seed, d.train_size)
             if key not in self.splits:
-                self.splits[key] = split_mnist(self.mnist, val_size=d.val_size, seed=d.split_seed,
+                # type-check: loaded in __init__ before any run
+                self.splits[key] = split_mnist(self.mnist, val_size=d.val_size, seed=d.split_seed,  # type: ignore[arg-type]
                                                train_size=d.train_size)
             device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
 
@@ -247,7 +252,8 @@ class Gang:
         pg = placement_group(shape.bundles(), strategy=strategy, name=f"{PG_PREFIX}{gang_id}")
         threads = max(1, int(shape.cpus_per_worker))
         workers = [
-            RankWorker.options(
+            # type-check: Ray's actor decorators are not typed
+            RankWorker.options(  # type: ignore[attr-defined]
                 num_cpus=shape.cpus_per_worker, num_gpus=shape.gpus_per_worker,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
             ).remote(rank, shape.num_workers, threads, plugin_dirs)
@@ -257,7 +263,8 @@ class Gang:
 
     async def form(self, mnist_ref, timeout_s: float) -> None:
         """Wait for the placement group, then start the process group and hand every rank the dataset."""
-        await asyncio.wait_for(self.pg.ready(), timeout_s)
+        # type-check: Ray's actor decorators are not typed
+        await asyncio.wait_for(self.pg.ready(), timeout_s)  # type: ignore[attr-defined]
         address, port = await self.workers[0].endpoint.remote()
         backend = "nccl" if self.shape.gpus_per_worker else "gloo"
         self.infos = await asyncio.wait_for(

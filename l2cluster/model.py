@@ -108,7 +108,8 @@ class StackedMLP(nn.Module):
     def reset_parameters(self, seeds: Sequence[int]) -> None:
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         for layer in self.layers:
-            layer.reset_parameters(gens)
+            # type-check: torch types nn.Module attributes as Tensor
+            layer.reset_parameters(gens)  # type: ignore[operator]
 
     def forward(
         self, x: torch.Tensor, on_activation: Callable[[torch.Tensor, int], torch.Tensor] | None = None

@@ -88,7 +88,8 @@ class HookSpecs:
     stay in step), in `on_activation` and `example_penalty` it is this rank's own.
     """
 
-    def init_state(self, params: Mapping[str, torch.Tensor], hp: HyperParams, ctx: TrainContext
+    # type-check: a hook's documented signature: plugins override it
+    def init_state(self, params: Mapping[str, torch.Tensor], hp: HyperParams, ctx: TrainContext  # type: ignore[empty-body]
                    ) -> Mapping[str, torch.Tensor]:
         """Opt-in per-job state: return named tensors with the model axis first ([K, …]), on `ctx.device`.
 
@@ -106,7 +107,8 @@ class HookSpecs:
         a plugin has softened them, class probabilities [K, B, C]. Return `(x, targets)` of the same shapes;
         targets may become probabilities [K, B, C]. Training only: evaluation never calls it."""
 
-    def on_activation(
+    # type-check: a hook's documented signature: plugins override it
+    def on_activation(  # type: ignore[empty-body]
         self, x: torch.Tensor, layer: int, num_layers: int, hp: HyperParams, rng: StackedRNG, ctx: TrainContext,
         state: Mapping[str, torch.Tensor],
     ) -> torch.Tensor:
@@ -115,7 +117,8 @@ class HookSpecs:
         Called in training only; evaluation never calls it. Draw randomness from `rng` only, so that every
         model of a stack has its own reproducible stream."""
 
-    def example_penalty(
+    # type-check: a hook's documented signature: plugins override it
+    def example_penalty(  # type: ignore[empty-body]
         self, logits: torch.Tensor, targets: torch.Tensor, hidden: Sequence[torch.Tensor],
         params: Mapping[str, torch.Tensor], hp: HyperParams, rng: StackedRNG, ctx: TrainContext,
         state: Mapping[str, torch.Tensor], epoch: int, step: int,
@@ -128,7 +131,8 @@ class HookSpecs:
         cross-entropy, so it is right on any number of ranks (label smoothing, confidence and activity
         penalties)."""
 
-    def penalty(
+    # type-check: a hook's documented signature: plugins override it
+    def penalty(  # type: ignore[empty-body]
         self, params: Mapping[str, torch.Tensor], hp: HyperParams, epoch: int, step: int, ctx: TrainContext,
         rng: StackedRNG, state: Mapping[str, torch.Tensor],
     ) -> torch.Tensor:
@@ -366,7 +370,7 @@ class StackedRNG:
 def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """‖t_k‖₂ of each model's slice of each tensor: [len(tensors), K]. One fused call when K = 1."""
     if tensors[0].shape[0] == 1:
-        return torch.stack(torch._foreach_norm(tensors)).unsqueeze(1)
+        return torch.stack(torch._foreach_norm(list(tensors))).unsqueeze(1)
     return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors])
 
 

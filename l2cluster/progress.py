@@ -216,13 +216,13 @@ class ProgressDisplay:
 
 
 # -- final tables ------------------------------------------------------------------------------------------------
-def fit_columns(header: Sequence[str], rows: Sequence[Sequence[str]], width: int, *, drop: Sequence[str] = (),
+def fit_columns(header_in: Sequence[str], rows_in: Sequence[Sequence[str]], width: int, *, drop: Sequence[str] = (),
                 cut: Sequence[tuple[str, int]] = ()) -> tuple[list[str], list[list[str]], list[str]]:
     """Make a table (columns joined by two spaces) at most `width` characters wide: first leave out the columns
     in `drop`, in that order, until it fits; then cut the cells of each (column, min_width) in `cut` to what is
     left (an ellipsis marks a cut cell), no narrower than min_width. Returns header, rows and the columns left out.
     A table that cannot fit keeps its minimum widths (a terminal narrower than that wraps it)."""
-    header, rows = list(header), [list(r) for r in rows]
+    header, rows = list(header_in), [list(r) for r in rows_in]
     dropped: list[str] = []
 
     def total() -> int:

@@ -168,7 +168,8 @@ def _entry_model(name: str, cls: type, config: type[BaseModel]) -> type[BaseMode
         f"{type_name(name)}Config",
         __base__=config,
         __doc__=(config.__doc__ or cls.__doc__ or "").strip() or None,
-        name=(Literal[name], Field(description=f"Selects the {name!r} regularizer.")),
+        # type-check: pydantic's typing of models built at run time
+        name=(Literal[name], Field(description=f"Selects the {name!r} regularizer.")),  # type: ignore[arg-type]
     )
 
 
@@ -343,6 +344,8 @@ def load_directory(registry: Registry, directory: str | Path) -> None:
         module_name = f"l2cluster_plugindir_{tag}_{path.stem}"
         try:
             spec = importlib.util.spec_from_file_location(module_name, path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"{path} cannot be imported as a module")
             module = importlib.util.module_from_spec(spec)
             sys.modules[module_name] = module
             spec.loader.exec_module(module)

@@ -219,7 +219,8 @@ def _panels(groups: Sequence[Group]) -> tuple[dict[str, list[Group]], list[Group
             refs.append(g)
         else:
             series.setdefault(g.axis.series, []).append(g)
-    return {k: sorted(v, key=lambda g: g.axis.x) for k, v in series.items()}, refs
+    # type-check: the series hold only the groups with an x (the others are refs)
+    return {k: sorted(v, key=lambda g: g.axis.x) for k, v in series.items()}, refs  # type: ignore[arg-type, return-value]
 
 
 _REF_COLORS = ("0.55", "tab:brown", "tab:olive", "tab:cyan")
@@ -260,7 +261,8 @@ def _metric_vs_strength(groups: Sequence[Group], metric: str, ylabel: str, title
         for g, s in zip(members, stats):
             if g is top:
                 ax.plot([g.axis.x], [s.mean * scale], marker="*", markersize=18, color=_BEST_COLOR, linestyle="none",
-                        label=f"best by val acc: {g.axis.knob.split()[-1]}={format_value(g.axis.x)}", zorder=5)
+                        # type-check: a group on the x axis names its knob
+                        label=f"best by val acc: {g.axis.knob.split()[-1]}={format_value(g.axis.x)}", zorder=5)  # type: ignore[union-attr]
         for i, ref in enumerate(refs):
             s = getattr(ref, metric)
             color = _BEST_COLOR if ref is top else _REF_COLORS[i % len(_REF_COLORS)]
@@ -268,7 +270,8 @@ def _metric_vs_strength(groups: Sequence[Group], metric: str, ylabel: str, title
                        label=f"{_ref_name(ref)}{' — best by val acc' if ref is top else ''}")
             if s.half_width:
                 ax.axhspan((s.mean - s.half_width) * scale, (s.mean + s.half_width) * scale, color=color, alpha=0.12)
-        scale_name = axis_scale(xs)
+        # type-check: the x of every plotted group: a number
+        scale_name = axis_scale(xs)  # type: ignore[arg-type]
         ax.set_xscale(scale_name)
         # Ticks at the swept values, written as in the spec (1e-4, 0.5), instead of 2×10⁻¹.
         ax.set_xticks(xs, [format_value(x) for x in xs])
@@ -312,9 +315,11 @@ def _epoch_curves(groups: Sequence[Group], kind: str, path: Path, experiment: st
         handles = []
         lines = [(g, cmap(0.85 * i / max(1, len(members) - 1)), False) for i, g in enumerate(members)]
         if series:
-            lines += [(r, _REF_COLORS[i % len(_REF_COLORS)], True) for i, r in enumerate(refs)]
+            # type-check: matplotlib takes a colour as a name or an RGBA tuple
+            lines += [(r, _REF_COLORS[i % len(_REF_COLORS)], True) for i, r in enumerate(refs)]  # type: ignore[misc]
         for g, color, is_ref in lines:
-            color = _BEST_COLOR if g is top else color
+            # type-check: matplotlib takes a colour as a name or an RGBA tuple
+            color = _BEST_COLOR if g is top else color  # type: ignore[assignment]
             width = 2.8 if g is top else 1.4
             points = [c for c in g.curves if c.get(val_key) is not None]
             epochs = [c["epoch"] for c in points]
@@ -325,12 +330,14 @@ def _epoch_curves(groups: Sequence[Group], kind: str, path: Path, experiment: st
             ax.plot([c["epoch"] for c in train], [c[train_key] * scale for c in train], "--", color=color,
                     linewidth=width)
             if g.axis.x is not None:
-                label = f"{g.axis.knob.split()[-1]}={format_value(g.axis.x)}"
+                # type-check: a group on the x axis names its knob
+                label = f"{g.axis.knob.split()[-1]}={format_value(g.axis.x)}"  # type: ignore[union-attr]
             else:
                 label = _ref_name(g) if is_ref else g.axis.series
             handles.append(Line2D([], [], color=color, linewidth=width, label=label + (" ★ best" if g is top else "")))
         handles += [Line2D([], [], color="black", linestyle="-", marker="o", markersize=3, label="validation (mean)"),
-                    Patch(color="black", alpha=0.15, label="validation, min–max over seeds"),
+                    # type-check: a legend takes any artist as a handle
+                    Patch(color="black", alpha=0.15, label="validation, min–max over seeds"),  # type: ignore[list-item]
                     Line2D([], [], color="black", linestyle="--", label="train (during the epoch)")]
         ax.legend(handles=handles, fontsize=8, loc=legend_loc)
         ax.set_title(name + ("  ★ best" if top in members else ""), color=_BEST_COLOR if top in members else "black",
@@ -361,19 +368,23 @@ def _forest(groups: Sequence[Group], path: Path, experiment: str) -> Path:
     from matplotlib.lines import Line2D
 
     done = sorted((g for g in groups if g.num_succeeded and g.test_acc.mean is not None),
-                  key=lambda g: g.test_acc.mean)
+                  # type-check: the filter above keeps only groups whose test_acc.mean is set
+                  key=lambda g: g.test_acc.mean)  # type: ignore[arg-type, return-value]
     colors = _regularizer_colors(done)
     ref, top = baseline(done), best(groups)
     fig = Figure(figsize=(9.5, 2.0 + 0.3 * max(1, len(done))), layout="constrained")
     ax = fig.subplots()
     if ref is not None and ref.test_acc.half_width:
-        ax.axvspan(ref.test_acc.ci_low * 100, ref.test_acc.ci_high * 100, color="0.85", zorder=0)
+        # type-check: a reference with a succeeded job: its test_acc interval is set
+        ax.axvspan(ref.test_acc.ci_low * 100, ref.test_acc.ci_high * 100, color="0.85", zorder=0)  # type: ignore[operator]
     if ref is not None:
-        ax.axvline(ref.test_acc.mean * 100, color="0.35", linestyle="--", linewidth=1, zorder=1)
+        # type-check: a reference with a succeeded job: its test_acc mean is set
+        ax.axvline(ref.test_acc.mean * 100, color="0.35", linestyle="--", linewidth=1, zorder=1)  # type: ignore[operator]
     for y, g in enumerate(done):
         color = colors[g.regularizers]
         s = g.test_acc
-        ax.errorbar([s.mean * 100], [y], xerr=[(s.half_width or 0) * 100], fmt="s" if g is top else "o",
+        # type-check: only groups with a succeeded job are plotted: test_acc.mean is set
+        ax.errorbar([s.mean * 100], [y], xerr=[(s.half_width or 0) * 100], fmt="s" if g is top else "o",  # type: ignore[operator]
                     color=color, capsize=3, markersize=8 if g is top else 5, zorder=3)
         seeds = [r["test_acc"] * 100 for r in g.per_seed if r.get("test_acc") is not None]
         ax.plot(seeds, [y] * len(seeds), "o", color=color, alpha=0.4, markersize=3.5, markerfacecolor="none", zorder=2)
@@ -405,7 +416,7 @@ def _heatmap(grid: tuple[str, str, str, list[Group]], path: Path, experiment: st
     label, x_path, y_path, members = grid
     xs = sorted({g.overrides[x_path] for g in members})
     ys = sorted({g.overrides[y_path] for g in members})
-    values = [[None] * len(xs) for _ in ys]
+    values: list[list[float | None]] = [[None] * len(xs) for _ in ys]
     cells = {}
     for g in members:
         i, j = ys.index(g.overrides[y_path]), xs.index(g.overrides[x_path])

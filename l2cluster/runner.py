@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -114,8 +115,8 @@ def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, do
     except HookError as e:  # a plugin's init_state raised or returned something unusable: nothing trained
         if len(members) > 1:  # which member's settings did it is unknown: each trains (and fails) alone
             return PackRun(split=True)
-        failed = {"outcome": "failed", "final": {}, "error": str(e), "epochs": [], "diverged_epoch": None,
-                  "resumed_from_epoch": 0}
+        failed: dict[str, Any] = {"outcome": "failed", "final": {}, "error": str(e), "epochs": [],
+                                  "diverged_epoch": None, "resumed_from_epoch": 0}
         if rank == 0 and on_result is not None:
             on_result(ids[0], failed)
         return PackRun(results={ids[0]: failed})
@@ -135,7 +136,8 @@ def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, do
         if on_note is not None:
             on_note([j for k, j in enumerate(ids) if trainer.alive[k] and j not in done], text)
 
-    saver = _EpochCheckpoints(ckpt, device, world, log, note)
+    # type-check: only built where a checkpoint directory was given
+    saver = _EpochCheckpoints(ckpt, device, world, log, note)  # type: ignore[arg-type]
 
     def report_ended() -> None:
         # Members that ended early (diverged, failed by a plugin's NaN, cancelled) are reported at once: their
@@ -179,7 +181,8 @@ def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, do
         def step_done(epoch: int, step: int, num_steps: int) -> None:
             on_progress(training, epoch, step, num_steps)
 
-    results = trainer.fit(on_epoch=epoch_done, should_stop=should_stop, on_step=step_done)
+    # type-check: a truthy list means stop, as a bool would
+    results = trainer.fit(on_epoch=epoch_done, should_stop=should_stop, on_step=step_done)  # type: ignore[arg-type]
     if trainer.hook_error is not None and len(members) > 1:
         # Which member's settings made the hook raise is unknown: every member not yet ended trains alone.
         run.split = True

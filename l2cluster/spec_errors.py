@@ -7,7 +7,7 @@ a package-wide error hierarchy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +53,7 @@ def _loc(loc: Sequence[Any]) -> str:
     return out
 
 
-def _hint(err: dict, problems: dict[str, str]) -> str:
+def _hint(err: Mapping[str, Any], problems: dict[str, str]) -> str:
     kind, msg = err["type"], err["msg"]
     tag = (err.get("ctx") or {}).get("tag")
     if kind == "union_tag_invalid" and tag in problems:  # a plugin by that name exists but could not be loaded

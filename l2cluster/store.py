@@ -661,5 +661,6 @@ def job_log(store: Store, job: str) -> dict:
     job_id = store.resolve_job(job)
     events = [{"at": e["at"], "from": e["old_state"], "to": e["new_state"], "attempt": e["attempt"],
                "detail": e["detail"]} for e in store.events(job_id)]
-    return {"job": job_dict(store.job(job_id)), "events": events, "epochs": store.epochs(job_id),
+    # type-check: a job the store holds: its row is never None here
+    return {"job": job_dict(store.job(job_id)), "events": events, "epochs": store.epochs(job_id),  # type: ignore[arg-type]
             "result": store.result(job_id)}

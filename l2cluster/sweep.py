@@ -163,7 +163,7 @@ def expand(spec, registry: Registry, *, max_jobs: int = DEFAULT_MAX_JOBS) -> lis
     train_model = spec_models(registry).train
     base = spec.model_dump(mode="json", exclude={"name", "description", "sweep"})
     seeds = spec.sweep.seeds or [spec.seed]
-    variants = list(enumerate(spec.sweep.variants)) or [(None, Variant(label="base"))]
+    variants: list[tuple[int | None, Variant]] = [*enumerate(spec.sweep.variants)] or [(None, Variant(label="base"))]
     jobs: list[Job] = []
     seen: set[str] = set()
     for vi, variant in variants:

@@ -27,6 +27,7 @@ import torch
 
 from l2cluster.data import Splits
 from l2cluster.errors import L2ClusterError
+from l2cluster.plugin import Regularizer
 
 _TOL = 1e-7  # relative: float64 numbers that differ only by summation order
 
@@ -65,7 +66,7 @@ _BASE = dict(data={"batch_size": 16, "val_size": 32}, epochs=2, model={"hidden_s
 _N_TRAIN = 100
 
 
-def check_plugin(cls: type, settings: Sequence[Mapping] | None = None, *, ddp: bool = True,
+def check_plugin(cls: type[Regularizer], settings: Sequence[Mapping] | None = None, *, ddp: bool = True,
                  optimizer: Mapping | None = None) -> CheckReport:
     """Check the plugin class `cls` against the contract (see the module docstring).
 
@@ -225,7 +226,7 @@ def _ddp_differs(cls, settings, optimizer, stacked, results) -> str:
     return ""
 
 
-def _rank_main(rank: int, cls: type, settings: list, optimizer, out: str) -> None:
+def _rank_main(rank: int, cls: type[Regularizer], settings: list, optimizer, out: str) -> None:
     import torch.distributed as dist
 
     from l2cluster.registry import Registry

@@ -310,7 +310,7 @@ class Trainer:
         """The weights evaluation uses: the trained ones, unless an eval_params hook chooses others (EMA)."""
         if not self._with["eval_params"]:
             return None
-        chosen = dict(self.params)
+        chosen: dict[str, torch.Tensor] = dict(self.params)
         for plug in self._with["eval_params"]:
             out = self._call(plug, "eval_params", params=chosen)
             if out is None:
@@ -413,7 +413,8 @@ class Trainer:
                 if not alive[k]:
                     epoch_metrics.append({})
                     continue
-                m = {
+                # type-check: an empty dict literal in a conditional expression
+                m = {  # type: ignore[misc]
                     "epoch": epoch,
                     "train_loss": float(sums_cpu[0, k] / n),
                     "train_acc": float(sums_cpu[1, k] / n),
@@ -636,7 +637,8 @@ class Trainer:
                 return
             self.step_count = steps  # capturing recorded the step without running it; the replay runs it
             self._graph = graph
-        self._graph_idx.copy_(idx)
+        # type-check: made when the CUDA graph was captured, before any replay
+        self._graph_idx.copy_(idx)  # type: ignore[union-attr]
         self._graph.replay()
         self.step_count += 1
 
@@ -689,14 +691,17 @@ class Trainer:
             self._all_reduce_grads()
         grads = [p.grad for p in self.params.values()]
         with torch.no_grad():
-            gnorm = per_model_norm(grads)
+            # type-check: after backward every trained parameter has a gradient
+            gnorm = per_model_norm(grads)  # type: ignore[arg-type]
             skip = None
             for plug in self._with["on_gradients"]:
-                ok = (_all_finite(grads), _all_finite(self.params.values())) if probe is not None else None
+                finite = (_all_finite(grads), _all_finite(self.params.values())) if probe is not None else None
                 out = self._call(plug, "on_gradients", ctx=ctx, epoch=epoch)
                 if probe is not None:
-                    probe.saw(ok[0] & _any_nan(grads), plug.name, "on_gradients:made the gradients NaN")
-                    probe.saw(ok[1] & _any_nan(self.params.values()), plug.name,
+                    # type-check: the probe is on, so the finiteness was taken before the hook
+                    probe.saw(finite[0] & _any_nan(grads), plug.name, "on_gradients:made the gradients NaN")  # type: ignore[index]
+                    # type-check: the probe is on, so the finiteness was taken before the hook
+                    probe.saw(finite[1] & _any_nan(self.params.values()), plug.name,  # type: ignore[index]
                               "on_gradients:made the parameters NaN")
                 for key, value in (out or {}).items():
                     if not isinstance(value, torch.Tensor) or value.shape != (K,):
@@ -722,7 +727,8 @@ class Trainer:
                 ok = _all_finite(self.params.values()) if probe is not None else None
                 self._call(plug, "before_step", ctx=ctx, lr=lr_k, epoch=epoch)
                 if probe is not None:
-                    probe.saw(ok & _any_nan(self.params.values()), plug.name, "before_step:made the parameters NaN")
+                    # type-check: the probe is on, so ok was taken before the hook
+                    probe.saw(ok & _any_nan(self.params.values()), plug.name, "before_step:made the parameters NaN")  # type: ignore[operator]
         self.optimizer.step()
         with torch.no_grad():
             if probe is not None:  # non-finite gradients or an overflow in the update: a divergence
@@ -732,9 +738,11 @@ class Trainer:
                 ok = stepped & _all_finite(self.params.values()) if probe is not None else None
                 self._call(plug, "after_step", ctx=ctx, lr=lr_k, epoch=epoch)
                 if probe is not None:
-                    probe.saw(ok & _any_nan(self.params.values()), plug.name, "after_step:made the parameters NaN")
+                    # type-check: the probe is on, so ok was taken before the hook
+                    probe.saw(ok & _any_nan(self.params.values()), plug.name, "after_step:made the parameters NaN")  # type: ignore[operator]
             if snapshot is not None:
-                (self._restore if self._skip_on_host else self._restore_masked)(skip, snapshot)
+                # type-check: a snapshot is only taken together with skip
+                (self._restore if self._skip_on_host else self._restore_masked)(skip, snapshot)  # type: ignore[arg-type]
             self._after_step_bookkeeping(sums, ce, logits, y, loss, gnorm)
 
     @torch.no_grad()
@@ -748,12 +756,15 @@ class Trainer:
         # The only DDP communication of a step: sum the ranks' gradients in one flat buffer. Each rank's loss is
         # already scaled by 1/global_batch, so the sum is the gradient of the global-batch mean.
         grads = [p.grad for p in self.params.values()]
-        flat = torch.cat([g.flatten() for g in grads])
+        # type-check: after backward every trained parameter has a gradient
+        flat = torch.cat([g.flatten() for g in grads])  # type: ignore[union-attr]
         dist.all_reduce(flat)
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+            # type-check: after backward every trained parameter has a gradient
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))  # type: ignore[arg-type, union-attr]
+            # type-check: after backward every trained parameter has a gradient
+            offset += g.numel()  # type: ignore[union-attr]
 
     def _stacked_state(self, p: torch.Tensor) -> list[torch.Tensor]:
         return [v for v in self.optimizer.state.get(p, {}).values()
@@ -933,7 +944,7 @@ _EVENTS_PER_STEP = 100_000
 def _plugin_trace(e: BaseException, limit: int = 6) -> str:
     """The traceback of an exception raised inside a hook, without the trainer's own frames: where in the plugin
     (file:line) it went wrong."""
-    frames = traceback.extract_tb(e.__traceback__)
+    frames = list(traceback.extract_tb(e.__traceback__))
     while frames and frames[0].filename == __file__:  # drop the trainer and registry frames that called the hook
         frames.pop(0)
     frames = [f for f in frames if not f.filename.endswith("l2cluster/registry.py")][-limit:]

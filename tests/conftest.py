@@ -1,7 +1,10 @@
-"""Shared pytest fixtures: where MNIST lives, and a tiny learnable MNIST-shaped stand-in."""
+"""Shared pytest fixtures: where MNIST lives, a tiny learnable MNIST-shaped stand-in, and the reset of process-wide
+state (a torch.distributed process group, a Ray connection) that a test must not leave to the next."""
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,27 @@ def tiny_mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mnist_dir(shared_mnist_dir: Path | None, tiny_mnist_dir: Path) -> Path:
     """Real MNIST where available, else the tiny stand-in."""
     return shared_mnist_dir if shared_mnist_dir is not None else tiny_mnist_dir
+
+
+# -- process-wide state -----------------------------------------------------------------------------------------
+# Both look in sys.modules instead of importing: a test that never touched torch.distributed or Ray pays nothing.
+@pytest.fixture(autouse=True)
+def _no_process_group_left(request):
+    """Destroy a torch.distributed process group a test left in this process (the gloo tests make theirs in
+    spawned processes; one here would make the next test's init_process_group fail)."""
+    yield
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        warnings.warn(f"{request.node.nodeid} left a torch.distributed process group; destroyed it", stacklevel=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left(request):
+    """Shut down a Ray connection a test module left up. Per module, not per test: several modules keep one local
+    Ray up across their tests (module-scoped `cluster` fixtures); this teardown runs after theirs."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        warnings.warn(f"{request.node.nodeid} left Ray connected; shut it down", stacklevel=1)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import ipaddress
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from l2cluster.plugin import Regularizer
 from l2cluster.registry import Registry, load_builtins, load_registry
 from l2cluster.spec import spec_models
+from l2cluster.states import JobState
 from l2cluster.testing import synthetic_splits  # noqa: F401 (the tests import it from here)
 
 
@@ -107,6 +111,53 @@ def local_daemon(store, *, num_cpus: int, **options):
     finally:
         ray.get(handle.shutdown.remote(), timeout=30)
         ray.shutdown()
+
+
+def call(handle, method: str, *args, restart_wait_s: float = 120.0):
+    """The coordinator's answer to `method(*args)`, asked again while Ray restarts a coordinator that died (every
+    coordinator call is safe to repeat); a RayActorError once it has not come back within `restart_wait_s`."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    deadline = time.time() + restart_wait_s
+    while True:
+        try:
+            return ray.get(getattr(handle, method).remote(*args), timeout=60)
+        except RayActorError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def finished(cluster, experiment: str) -> list[dict] | None:
+    """The jobs of `experiment` on a local_daemon `cluster` once every one has ended, else None (for wait_for)."""
+    jobs = call(cluster["handle"], "status", experiment)
+    return jobs if all(JobState(j["state"]).is_terminal for j in jobs) else None
+
+
+def spec_file(directory: Path, name: str, base: dict, **fields) -> str:
+    """A spec file `directory/name.yaml`: `base` with `name` and `fields` (top-level keys) set; returns its path."""
+    import yaml
+
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, **base, **fields}))
+    return str(path)
+
+
+def run_cli(*args, env: dict | None = None, cwd: str | Path | None = None,
+            timeout: float = 240.0) -> subprocess.CompletedProcess:
+    """`python -m l2cluster.cli ARGS` in a new process with no stdin, as a user runs it: exit code, stdout, stderr
+    (text). `env` replaces this process's environment when given."""
+    return subprocess.run([sys.executable, "-m", "l2cluster.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def load_script(path: Path, name: str):
+    """A script outside the package (bench/…) imported as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def wait_for(predicate, what: str = "a condition", timeout_s: float = 60.0, every_s: float = 0.1, show=lambda: ""):

@@ -4,15 +4,14 @@ nothing is overwritten."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sqlite3
-import subprocess
-import sys
 import textwrap
 
 import pytest
-import yaml
+from support import run_cli, spec_file
 
 from l2cluster.cli import main
 from l2cluster.store import Store
@@ -22,10 +21,7 @@ TINY = {"model": {"hidden_sizes": [8]}, "data": {"batch_size": 50, "val_size": 1
 LABELS = "train-labels-idx1-ubyte.gz"
 
 
-def write_spec(directory, name, **fields):
-    path = directory / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, **TINY, **fields}))
-    return str(path)
+write_spec = functools.partial(spec_file, base=TINY)  # write_spec(directory, name, **fields)
 
 
 def corrupt_store(directory):
@@ -105,6 +101,7 @@ def test_train_names_a_corrupt_or_missing_mnist_file_and_touches_nothing(tmp_pat
     assert listing(data) == before
 
 
+@pytest.mark.slow  # a local Ray and a coordinator
 def test_run_with_corrupt_mnist_fails_the_job_with_the_reason(tmp_path, tiny_mnist_dir, capsys):
     data = broken_mnist(tiny_mnist_dir, tmp_path / "data")
     before = listing(data)
@@ -115,11 +112,6 @@ def test_run_with_corrupt_mnist_fails_the_job_with_the_reason(tmp_path, tiny_mni
     (job,) = Store.open_read_only(tmp_path / "store.db").jobs()
     assert job["error"].startswith(f"the coordinator cannot load MNIST: {data / LABELS}: expected a valid gzip")
     assert listing(data) == before
-
-
-def _cli(*args, env, timeout=240):
-    return subprocess.run([sys.executable, "-m", "l2cluster.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
 
 
 @pytest.mark.slow
@@ -135,7 +127,7 @@ def test_a_real_daemon_refuses_bad_input_fails_jobs_on_bad_data_and_keeps_servin
     broken.write_text("name: t\noptimizer: {name: adam\n")
     start = ["daemon", "start", "--data-dir", str(data), "--num-cpus", "2", "--max-jobs", "20", "--store", str(store)]
     try:
-        run = _cli(*start, env=env)
+        run = run_cli(*start, env=env)
         assert run.returncode == 0, run.stderr
         for spec, expected in [
             (str(broken), "not valid YAML"),  # refused by the client
@@ -143,20 +135,20 @@ def test_a_real_daemon_refuses_bad_input_fails_jobs_on_bad_data_and_keeps_servin
             (write_spec(tmp_path, "huge", sweep={"seeds": list(range(21))}),
              "expands to 21 jobs, more than the limit of 20"),
         ]:
-            run = _cli("submit", spec, env=env)
+            run = run_cli("submit", spec, env=env)
             assert run.returncode == 2 and expected in run.stderr, run.stderr
             assert "Traceback" not in run.stderr
-        run = _cli("submit", write_spec(tmp_path, "on-bad-data"), "--wait", env=env)
+        run = run_cli("submit", write_spec(tmp_path, "on-bad-data"), "--wait", env=env)
         assert run.returncode == 1 and " failed " in run.stdout and "Traceback" not in run.stderr, run.stderr
         jobs = Store.open_read_only(store).jobs()
         assert len(jobs) == 1 and "the coordinator cannot load MNIST" in jobs[0]["error"]
         assert listing(data) == before  # nothing overwritten, nothing downloaded over it
-        assert _cli("daemon", "status", env=env).returncode == 0
+        assert run_cli("daemon", "status", env=env).returncode == 0
         (data / LABELS).write_bytes(good_labels)  # the operator fixes the file: the same daemon serves again
-        run = _cli("submit", write_spec(tmp_path, "on-good-data", seed=1), "--wait", env=env)
+        run = run_cli("submit", write_spec(tmp_path, "on-good-data", seed=1), "--wait", env=env)
         assert run.returncode == 0 and " succeeded " in run.stdout, run.stdout + run.stderr
     finally:
-        _cli("daemon", "stop", env=env)
+        run_cli("daemon", "stop", env=env)
 
 
 def test_unreadable_spec_files_are_clear_errors(tmp_path, capsys):

@@ -4,11 +4,10 @@ these checks do not."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import yaml
-from support import registry
+from support import load_script, registry
 
 from l2cluster.cli import main
 from l2cluster.model import StackedMLP
@@ -18,10 +17,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "sweep_throughput.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("sweep_throughput", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "sweep_throughput")
 
 
 def test_the_spec_it_writes_validates_and_matches_the_tune_sweep(tmp_path, capsys):

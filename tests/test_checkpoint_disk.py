@@ -240,6 +240,7 @@ DAEMON_JOB = {"model": {"hidden_sizes": [32]}, "data": {"batch_size": 50, "val_s
               "optimizer": {"name": "adam", "lr": 0.003}, "regularizers": [{"name": "dropout", "p": 0.1}], "epochs": 3}
 
 
+@pytest.mark.slow
 def test_a_daemon_job_on_a_full_checkpoint_disk_succeeds_as_its_twin_and_says_why(tmp_path, mnist_dir, capsys):
     import ray
 

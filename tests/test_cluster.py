@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import wait_for
+from support import run_cli, wait_for
 
 from l2cluster.store import Store
 
@@ -191,11 +191,6 @@ def cluster(tiny_mnist_dir):
         assert not node.pids(), f"node {node.name} left processes behind: {node.pids()}"
 
 
-def cli(*args, env, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "l2cluster.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-
-
 def alive_nodes(cluster) -> dict[str, dict]:
     """Node id → resources of the cluster's alive nodes, asked from a separate driver process."""
     code = ("import json, sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
@@ -220,13 +215,14 @@ def test_jobs_run_on_both_nodes_and_survive_losing_one(cluster):
     assert len(nodes) == 2 and head_id != worker_id
 
     # Token authentication is on: a client with another token is refused.
-    refused = cli("status", "--address", address, env={**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)})
+    refused = run_cli("status", "--address", address, env={**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)})
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
 
     store_path = cluster["root"] / "store.db"
     # The checkpoint directory is "shared storage": both nodes are on this machine.
-    started = cli("daemon", "start", "--address", address, "--data-dir", cluster["data"], "--store", str(store_path),
-                  "--checkpoint-dir", str(cluster["root"] / "checkpoints"), "--idle-release-s", "300", env=env)
+    started = run_cli("daemon", "start", "--address", address, "--data-dir", cluster["data"], "--store",
+                      str(store_path), "--checkpoint-dir", str(cluster["root"] / "checkpoints"),
+                      "--idle-release-s", "300", env=env)
     assert started.returncode == 0, started.stdout + started.stderr
     # The coordinator runs on the head (the node `daemon start` ran on), not on the node that will die.
     coordinators = [p for node in ("head", "worker") for p in cluster[node].pids()
@@ -292,13 +288,13 @@ def test_jobs_run_on_both_nodes_and_survive_losing_one(cluster):
         assert store.result(job["id"])["final"]["test_acc"] > 0.5
 
     # `daemon start` honours RAY_ADDRESS: it finds the running coordinator and starts no local daemon.
-    again = cli("daemon", "start", "--store", str(store_path), env={**env, "RAY_ADDRESS": address})
+    again = run_cli("daemon", "start", "--store", str(store_path), env={**env, "RAY_ADDRESS": address})
     assert again.returncode == 0 and f"on the cluster at {address}" in again.stdout, again.stdout + again.stderr
     assert not (cluster["root"] / "home" / "daemon.json").exists()
 
     # The laptop path, Ray Client (`--address ray://`): the same spec again is the same experiment, all finished,
     # so `submit --wait` prints its results at once.
-    again = cli("submit", str(spec), "--wait", "--address", cluster["client"], env=env)
+    again = run_cli("submit", str(spec), "--wait", "--address", cluster["client"], env=env)
     if again.returncode and "Initialization failure from server" in again.stderr:
         # Ray's client proxy could not keep its per-client server process alive, three connections in a row (seen
         # only inside the full suite on a 2-core machine; the process dies before it logs anything): Ray-side.

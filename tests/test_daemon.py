@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -15,10 +14,12 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from support import is_loopback, listening_sockets, local_daemon, process_tree, wait_for
+from support import is_loopback, listening_sockets, local_daemon, process_tree, run_cli, spec_file, wait_for
 
 from l2cluster.cli import main
 from l2cluster.store import Store
+
+pytestmark = pytest.mark.slow  # every test runs on a local Ray (one starts a daemon process)
 
 TINY = {"model": {"hidden_sizes": [16]}, "data": {"batch_size": 50, "val_size": 100},
         "optimizer": {"name": "adam", "lr": 0.01}, "epochs": 1}
@@ -31,10 +32,7 @@ def cluster(tmp_path_factory, tiny_mnist_dir):
         yield c
 
 
-def write_spec(tmp_path, name, **fields):
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, **TINY, **fields}))
-    return str(path)
+write_spec = functools.partial(spec_file, base=TINY)  # write_spec(directory, name, **fields)
 
 
 def submit(spec, *extra, capsys):
@@ -64,8 +62,10 @@ def test_submit_wait_runs_two_rank_jobs_and_stores_their_results(cluster, tmp_pa
     assert capsys.readouterr().out.count("succeeded") == 4
     assert main(["logs", jobs[0]["id"]]) == 0
     log = capsys.readouterr().out
-    assert "queued → placing" in log.replace("  ", " ") or "placing" in log
-    assert "running → succeeded" in re.sub(r"\s+", " ", log)
+    # cmd_logs prints f"{at}  {from:>9} → {to:<9} attempt {n}  {detail}"; an attempt counts from entering running.
+    at = r"\d\d:\d\d:\d\d"
+    assert re.search(rf"^{at}     queued → placing   attempt 0(  \S.*)?$", log, re.M), log
+    assert re.search(rf"^{at}    running → succeeded attempt 1(  \S.*)?$", log, re.M), log
 
 
 def test_one_and_two_ranks_train_the_same_parameters(cluster, tmp_path, capsys):
@@ -132,8 +132,7 @@ def test_a_bad_spec_is_refused_and_the_daemon_keeps_serving(cluster, tmp_path, c
 
 def _cli(*args, env):
     env = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}  # as in a user's shell
-    return subprocess.run([sys.executable, "-m", "l2cluster.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=240)
+    return run_cli(*args, env=env)
 
 
 def test_status_survives_a_daemon_restart(tmp_path, tiny_mnist_dir):

@@ -4,18 +4,20 @@ every other job finishing, and the coordinator serving the next good submission.
 
 from __future__ import annotations
 
+import functools
 import textwrap
 
 import pytest
 import ray
-import yaml
 from hypothesis import HealthCheck, given, settings
 from spec_fuzz import broken_data_specs, names_field
-from support import local_daemon
+from support import local_daemon, spec_file
 
 from l2cluster.cli import main
 from l2cluster.spec import SpecError
 from l2cluster.store import Store
+
+pytestmark = pytest.mark.slow  # every test runs on the module's local Ray
 
 MAX_JOBS = 100
 TINY = {"model": {"hidden_sizes": [16]}, "data": {"batch_size": 50, "val_size": 100},
@@ -122,10 +124,7 @@ def cluster(tmp_path_factory, tiny_mnist_dir):
         yield c
 
 
-def write_spec(tmp_path, name, **fields):
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, **TINY, **fields}))
-    return str(path)
+write_spec = functools.partial(spec_file, base=TINY)  # write_spec(directory, name, **fields)
 
 
 def submit_direct(cluster, data) -> SpecError | dict:

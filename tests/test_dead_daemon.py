@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import wait_for
+from support import run_cli, wait_for
 
 from l2cluster.daemon import _alive, session_processes
 
@@ -25,8 +25,7 @@ ANSWER_S = 10.0
 
 def cli(*args, env, timeout=120) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "l2cluster.cli", *args], env=env, capture_output=True, text=True,
-                         timeout=timeout, stdin=subprocess.DEVNULL)
+    out = run_cli(*args, env=env, timeout=timeout)
     return out, time.monotonic() - t0
 
 

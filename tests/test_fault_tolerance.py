@@ -7,13 +7,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 
 import pytest
 import ray
 from ray.exceptions import RayActorError
-from support import local_daemon, wait_for
+from support import call, finished, local_daemon, wait_for
 
+from l2cluster.states import JobState
 from l2cluster.store import Store
 
 pytestmark = pytest.mark.slow
@@ -22,7 +24,6 @@ pytestmark = pytest.mark.slow
 # to be interrupted mid-run. Dropout makes the per-rank random streams part of what must be restored.
 JOB = {"model": {"hidden_sizes": [32]}, "data": {"batch_size": 20, "val_size": 500, "train_size": 2000},
        "optimizer": {"name": "adam", "lr": 0.003}, "regularizers": [{"name": "dropout", "p": 0.1}], "epochs": 6}
-TERMINAL = {"succeeded", "failed", "diverged", "cancelled"}
 TIMINGS = {"train_s", "epoch_s"}
 
 
@@ -32,29 +33,12 @@ def cluster(tmp_path_factory, mnist_dir):
         yield c
 
 
-def call(handle, method, *args, timeout=120.0):
-    """A coordinator call that waits out a coordinator restart."""
-    deadline = time.time() + timeout
-    while True:
-        try:
-            return ray.get(getattr(handle, method).remote(*args), timeout=30)
-        except RayActorError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.5)
-
-
 def submit(cluster, name, **fields):
     return call(cluster["handle"], "submit", {"name": name, **JOB, **fields})["experiment"]
 
 
 def wait_until(predicate):
     return wait_for(predicate, timeout_s=240.0)
-
-
-def finished(cluster, experiment):
-    jobs = call(cluster["handle"], "status", experiment)
-    return jobs if all(j["state"] in TERMINAL for j in jobs) else None
 
 
 def outcome(store, job_id):
@@ -132,7 +116,7 @@ def test_a_killed_coordinator_is_restarted_and_loses_nothing(cluster):
                                         for e in store.events(j["job"]))]
     assert restarted, "no job was in flight when the coordinator died"
     for j in jobs:
-        terminal = [e for e in store.events(j["job"]) if e["new_state"] in TERMINAL]
+        terminal = [e for e in store.events(j["job"]) if JobState(e["new_state"]).is_terminal]
         assert len(terminal) == 1, f"{j['job']} finished {len(terminal)} times"
     # The dead gangs' placement groups were released: only the live gangs hold resources.
     held = [pg for pg in ray.util.placement_group_table().values()
@@ -175,25 +159,46 @@ def test_an_attempt_that_resumes_reports_the_epochs_of_its_checkpoint(cluster, m
     assert [e["epoch"] for e in store.epochs(job.id)] == list(range(1, JOB["epochs"] + 1))
 
 
-def test_the_cli_waits_out_a_coordinator_restart(cluster, capsys):
+def test_the_cli_waits_out_a_coordinator_restart(cluster, capsys, monkeypatch):
     """A CLI call in flight when the coordinator dies (`submit --wait` polls for minutes) is asked again of the
     restarted coordinator instead of ending the command: every coordinator call is safe to repeat."""
     from concurrent.futures import ThreadPoolExecutor
 
     from l2cluster.cli import main
 
+    # Each wait of the CLI's thread on a coordinator call: when it began and what ended it. The first must begin
+    # before the kill (sent to a stopped process) and end in the coordinator's death; an answer to a call asked
+    # again after the kill ends the command.
+    real_get, asked = ray.get, []
+
+    def recording_get(*args, **kwargs):
+        if not threading.current_thread().name.startswith("cli"):
+            return real_get(*args, **kwargs)
+        wait = {"at": time.monotonic(), "error": None}
+        asked.append(wait)
+        try:
+            return real_get(*args, **kwargs)
+        except BaseException as e:
+            wait["error"] = e
+            raise
+
     pid = call(cluster["handle"], "ping")["pid"]
     os.kill(pid, signal.SIGSTOP)  # the call below reaches a process that cannot answer, then dies
     try:
-        with ThreadPoolExecutor(1) as pool:
+        monkeypatch.setattr(ray, "get", recording_get)
+        with ThreadPoolExecutor(1, thread_name_prefix="cli") as pool:
             status = pool.submit(main, ["status"])
-            time.sleep(1.0)
+            wait_for(lambda: asked, "the CLI to wait on the stopped coordinator", timeout_s=30)
+            killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             assert status.result(timeout=120) == 0
     finally:
+        monkeypatch.undo()
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert "experiment" in capsys.readouterr().out
+    assert asked[0]["at"] < killed_at and isinstance(asked[0]["error"], RayActorError), asked
+    assert asked[-1]["at"] > killed_at and asked[-1]["error"] is None, asked
     assert call(cluster["handle"], "ping")["pid"] != pid
 
 

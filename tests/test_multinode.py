@@ -12,6 +12,8 @@ from l2cluster.cli import main
 from l2cluster.daemon import start_coordinator
 from l2cluster.store import Store
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def three_nodes(tmp_path, mnist_dir):
@@ -43,7 +45,6 @@ def test_jobs_spread_over_nodes_and_all_finish(three_nodes, tmp_path, capsys):
     assert len({j["node"] for j in jobs}) > 1, [j["node"] for j in jobs]
 
 
-@pytest.mark.slow
 def test_a_lost_node_s_jobs_finish_elsewhere(three_nodes):
     """remove_node() kills a node with a running job: the job goes back to the queue, resumes on another node
     from its checkpoint (the nodes share this machine's disk, as a cluster shares storage) and every job ends."""

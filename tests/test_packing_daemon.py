@@ -9,9 +9,9 @@ import os
 import signal
 
 import pytest
-import ray
-from support import local_daemon, wait_for
+from support import call, finished, local_daemon, wait_for
 
+from l2cluster.states import JobState
 from l2cluster.store import Store
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,6 @@ JOB = {"model": {"hidden_sizes": [32], "dtype": "float64"}, "epochs": 4,
        "optimizer": {"name": "adam", "lr": 0.003},
        "regularizers": [{"name": "l2", "strength": 1e-4}, {"name": "dropout", "p": 0.1}],
        "sweep": {"seeds": [0, 1], "grid": {"regularizers.l2.strength": [1e-4, 1e-2]}}}
-TERMINAL = {"succeeded", "failed", "diverged", "cancelled"}
 TIMINGS = {"train_s", "epoch_s"}
 
 
@@ -35,17 +34,8 @@ def cluster(tmp_path_factory, mnist_dir):
         yield c
 
 
-def call(cluster, method, *args):
-    return ray.get(getattr(cluster["handle"], method).remote(*args), timeout=60)
-
-
 def submit(cluster, name, **fields):
-    return call(cluster, "submit", {"name": name, **JOB, **fields})["experiment"]
-
-
-def finished(cluster, experiment):
-    jobs = call(cluster, "status", experiment)
-    return jobs if all(j["state"] in TERMINAL for j in jobs) else None
+    return call(cluster["handle"], "submit", {"name": name, **JOB, **fields})["experiment"]
 
 
 def wait_finished(cluster, experiment):
@@ -96,14 +86,14 @@ def test_a_sweep_trains_in_packs_and_each_member_equals_the_job_alone(cluster):
 def test_cancelling_one_member_stops_only_that_member(cluster):
     store = cluster["store_reader"]
     exp = submit(cluster, "pk-cancel", epochs=30)
-    jobs = call(cluster, "status", exp)
+    jobs = call(cluster["handle"], "status", exp)
     victim = jobs[1]["job"]
     wait_for(lambda: store.job(victim)["epoch"] >= 1, "the pack's first epoch", timeout_s=120)
-    assert call(cluster, "cancel", victim) == 1
+    assert call(cluster["handle"], "cancel", victim) == 1
     wait_for(lambda: store.job(victim)["state"] == "cancelled", "the member to be cancelled", timeout_s=60)
     others = [j["job"] for j in jobs if j["job"] != victim]
     assert all(store.job(j)["state"] == "running" for j in others)  # the rest of the pack trains on
-    assert call(cluster, "cancel", exp) == 3  # the experiment: both packs stop
+    assert call(cluster["handle"], "cancel", exp) == 3  # the experiment: both packs stop
     done = wait_finished(cluster, exp)
     assert {j["state"] for j in done} == {"cancelled"}
 
@@ -112,10 +102,10 @@ def test_a_pack_that_loses_a_rank_resumes_with_the_same_members(cluster):
     store = cluster["store_reader"]
     twin = wait_finished(cluster, submit(cluster, "pk-twin", epochs=6))
     exp = submit(cluster, "pk-kill", epochs=6)
-    jobs = call(cluster, "status", exp)
+    jobs = call(cluster["handle"], "status", exp)
     wait_for(lambda: store.job(jobs[0]["job"])["epoch"] >= 2, "epoch 2 of the pack", timeout_s=120)
     pack = store.job(jobs[0]["job"])["pack_id"]
-    gang = next(g for g in call(cluster, "gangs_info") if g["job"] == pack)
+    gang = next(g for g in call(cluster["handle"], "gangs_info") if g["job"] == pack)
     os.kill(gang["ranks"][0]["pid"], signal.SIGKILL)
 
     done = wait_finished(cluster, exp)
@@ -128,7 +118,7 @@ def test_a_pack_that_loses_a_rank_resumes_with_the_same_members(cluster):
         assert any("attempt 1 lost (a rank of its gang died" in d for d in details), details
         resumed = [d for d in details if d.startswith("resumed from the checkpoint of epoch")]
         assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 2, details
-        terminal = [e for e in store.events(j["job"]) if e["new_state"] in TERMINAL]
+        terminal = [e for e in store.events(j["job"]) if JobState(e["new_state"]).is_terminal]
         assert len(terminal) == 1
     a, b = by_setting(cluster, done), by_setting(cluster, twin)
     assert a == b  # bit for bit: the same pack, resumed exactly

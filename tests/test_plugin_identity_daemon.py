@@ -4,12 +4,12 @@ with the fix — as a clean CLI error."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import textwrap
 
 import pytest
-import yaml
-from support import local_daemon
+from support import local_daemon, spec_file
 from test_plugin_identity import RAISES, SHRINK
 
 from l2cluster.cli import main
@@ -32,10 +32,7 @@ def cluster(tmp_path_factory, tiny_mnist_dir):
         yield {**c, "plugin_dir": plugin_dir}
 
 
-def write_spec(tmp_path, name, **fields):
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, **TINY, **fields}))
-    return str(path)
+write_spec = functools.partial(spec_file, base=TINY)  # write_spec(directory, name, **fields)
 
 
 def submit(*args, capsys):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import importlib.util
 import io
 import json
 import re
@@ -18,6 +17,7 @@ import pytest
 import ray
 import yaml
 from PIL import Image
+from support import load_script
 
 from l2cluster.aggregate import export_experiment, group_jobs, summarize, welch
 from l2cluster.cli import main
@@ -29,10 +29,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "report_screenshot.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("report_screenshot", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "report_screenshot")
 
 
 # -- on a made-up store ----------------------------------------------------------------------------------------------

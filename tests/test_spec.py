@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import gc
 import json
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
 import pytest
 import yaml
-from support import InfGradients, config, registry, registry_with
+from support import InfGradients, config, registry, registry_with, run_cli
 
 from l2cluster.cli import main
 from l2cluster.config import TrainConfig, spec_models
@@ -140,14 +138,10 @@ def test_adamw_never_gets_the_library_default_decay():
     assert opt.param_groups[0]["weight_decay"] == 0.0
 
 
-def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "l2cluster.cli", *args], capture_output=True, text=True, cwd=cwd)
-
-
 def test_cli_errors_exit_2_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**BASE, "epochs": -3, "regularizers": [{"name": "nope"}]}))
-    run = _cli("validate", str(bad))
+    run = run_cli("validate", str(bad), cwd=ROOT)
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert "epochs\n    Input should be greater than or equal to 1" in run.stderr
@@ -155,11 +149,11 @@ def test_cli_errors_exit_2_without_traceback(tmp_path):
 
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: t\noptimizer: {name: adam\n  lr: [1, 2\n")
-    run = _cli("validate", str(broken))
+    run = run_cli("validate", str(broken), cwd=ROOT)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "not valid YAML" in run.stderr and "line " in run.stderr
 
-    run = _cli("validate", str(tmp_path / "missing.yaml"))
+    run = run_cli("validate", str(tmp_path / "missing.yaml"), cwd=ROOT)
     assert run.returncode == 2 and "cannot read the file" in run.stderr
 
 

@@ -6,8 +6,6 @@ The strategies live in spec_fuzz.py (shared with bench/fuzz_specs.py)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from spec_fuzz import Case, clean_refusal, invalid_specs, names_field, valid_specs, validate_in_process
+from support import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 _FUZZ = settings(deadline=None, database=None,
@@ -68,12 +67,6 @@ def test_a_thousand_invalid_specs_are_each_refused_cleanly(tmp_path):
         assert kinds[kind] >= 10, kinds
 
 
-def _cli(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "l2cluster.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=120)
-
-
 @pytest.mark.parametrize("content, suffix, args, named", [
     (b"name: t\noptimizer: {name: adam, lr: [1, 2}\n", ".yaml", [], "line 2, column"),
     (b"name: t\noptimizer: {name: adam}\nsweep: {grid: {optimizer.lr: [0.1, 0.2, 0.3]}, seeds: [1, 2]}\n", ".yaml",
@@ -85,6 +78,6 @@ def _cli(*args, cwd):
 def test_a_few_through_a_real_process(tmp_path, content, suffix, args, named):
     spec = tmp_path / f"spec{suffix}"
     spec.write_bytes(content)
-    run = _cli("validate", str(spec), *args, cwd=tmp_path)
+    run = run_cli("validate", str(spec), *args, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert named in run.stderr, run.stderr

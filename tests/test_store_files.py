@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from support import run_cli
 from test_store import SPEC, _jobs
 
 from l2cluster.api import open_store
@@ -26,8 +27,7 @@ TINY_SPEC = "name: t\nmodel: {hidden_sizes: [8]}\noptimizer: {name: adam, lr: 0.
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "l2cluster.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=120)
+    return run_cli(*args, env={**os.environ, **(env or {})}, cwd=REPO, timeout=120)
 
 
 def assert_one_line_error(run: subprocess.CompletedProcess, *fragments: str) -> None:
