@@ -334,8 +334,14 @@ class SpecModels:
     experiment: type[TrainConfig]
 
 
+def _no_plugin_loaded(entry: dict) -> dict:
+    raise ValueError(f"no regularizer plugin is loaded, so {entry.get('name', entry)!r} cannot be used; load the "
+                     "built-ins (l2cluster.registry.load_registry) or the plugin's folder (--plugin-dir)")
+
+
 def _build_models(union) -> SpecModels:
-    reg_type = list[union] if union is not None else list[dict]  # no plugins: any entry is refused below
+    # No plugins loaded: any entry is refused, as an unknown plugin name would be.
+    reg_type = list[union] if union is not None else list[Annotated[dict, AfterValidator(_no_plugin_loaded)]]
     train = create_model(
         "TrainConfig", __base__=TrainConfig, __doc__=TrainConfig.__doc__,
         regularizers=(reg_type, Field(default_factory=list, description="Regularizer plugins, by `name`.")),

@@ -210,3 +210,9 @@ def test_the_spec_models_are_built_once_per_registry_and_again_when_a_plugin_is_
     del other
     gc.collect()
     assert gone() is None  # the cache does not keep a registry alive
+
+
+def test_a_regularizer_with_no_plugins_loaded_is_a_spec_error_not_a_crash():
+    with pytest.raises(SpecError, match="no regularizer plugin is loaded, so 'l2' cannot be used"):
+        parse_spec({"name": "t", "optimizer": {"name": "adam"}, "regularizers": [{"name": "l2"}]}, Registry())
+    parse_spec({"name": "t", "optimizer": {"name": "adam"}}, Registry())  # no regularizers: fine
