@@ -32,7 +32,7 @@ from l2cluster.data import DataError
 from l2cluster.errors import NotFoundError
 from l2cluster.gang import Gang, RankOutcome, remove_orphaned_placement_groups
 from l2cluster.log import configure_logging, get_logger
-from l2cluster.packing import ASSUMED_GPU_BYTES, max_members, pack_id
+from l2cluster.packing import ASSUMED_GPU_BYTES, group_into_packs, max_members, pack_id
 from l2cluster.scheduler import Cluster, Fail, GangShape, GangView, NewGang, QueuedPack, Release, Resources, plan
 from l2cluster.states import JobState
 from l2cluster.store import Store, experiment_jobs, experiment_rows, job_dict, job_log
@@ -347,31 +347,26 @@ class Coordinator:
         """The queue as packs, by head, in queue order: a job queued with a pack id rejoins its pack (the pack it
         was part of when that lost its gang); the others form packs of the first jobs, in queue order, of the same
         pack key, shape and priority, up to the pack size (l2cluster.packing). What plan() starts is formed."""
-        gpus = total.gpus
+        shape_of = lambda r: GangShape.of_scaling(self._scaling(r["shape_json"]), total.gpus)  # noqa: E731
         key = lambda r: None if r["pack_key"] is None else (r["pack_key"], r["shape_json"], r["priority"])  # noqa: E731
-        same: Counter[object] = Counter(key(r) for r in queued if not r["pack_id"])
+        same = Counter(key(r) for r in queued if not r["pack_id"])
+
+        def size(head) -> int:
+            if head["pack_id"]:
+                return len(queued)  # the whole pack rejoins
+            limit = self._max_members(head, shape_of(head))
+            if limit > 1:
+                # Spread a short queue over every gang the cluster can hold at once: one big pack on one gang while
+                # the others idle would make a sweep slower than no packing at all. Counted over the whole queue of
+                # this tick, so that every pack formed in it gets the same size.
+                limit = min(limit, -(-same[key(head)] // total.count(Resources.of(shape_of(head)))))
+            return limit
+
         packs: dict[str, _Pack] = {}
-        open_packs: dict[object, _Pack] = {}  # pack id or pack key → the pack that jobs with it join
-        limits: dict[object, int] = {}
-        for row in queued:
-            k = ("pack", row["pack_id"]) if row["pack_id"] else key(row)
-            pack = open_packs.get(k) if k is not None else None
-            if pack is not None and (row["pack_id"] or len(pack.job_ids) < limits[k]):
-                pack.job_ids.append(row["id"])
-                continue
-            scaling = self._scaling(row["shape_json"])
-            shape = GangShape.of_scaling(scaling, gpus)
-            pack = packs[row["id"]] = _Pack(row["id"], shape, scaling["use_gpu"] is True, row["pack_id"], [row["id"]])
-            if k is not None and not row["pack_id"]:
-                limit = self._max_members(row, shape)
-                if limit > 1:
-                    # Spread a short queue over every gang the cluster can hold at once: one big pack on one gang
-                    # while the others idle would make a sweep slower than no packing at all. Counted over the
-                    # whole queue of this tick, so that every pack formed in it gets the same size.
-                    limit = min(limit, -(-same[k] // total.count(Resources.of(shape))))
-                limits[k] = limit
-            if k is not None:
-                open_packs[k] = pack
+        for rows in group_into_packs(queued, size, lambda r: ("pack", r["pack_id"]) if r["pack_id"] else key(r)):
+            head = rows[0]
+            packs[head["id"]] = _Pack(head["id"], shape_of(head), self._scaling(head["shape_json"])["use_gpu"] is True,
+                                      head["pack_id"], [r["id"] for r in rows])
         return packs
 
     def _max_members(self, head, shape: GangShape) -> int:

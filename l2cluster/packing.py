@@ -96,19 +96,24 @@ def take_pack(head: T, candidates: Iterable[T], limit: int, key: Callable[[T], A
     return members
 
 
-def group_into_packs(items: Sequence[T], limit: int, key: Callable[[T], Any]) -> list[list[T]]:
-    """All of `items` as packs, in order of their first member: what `train` runs one pack after another."""
+def group_into_packs(items: Sequence[T], limit: int | Callable[[T], int], key: Callable[[T], Any]) -> list[list[T]]:
+    """All of `items` as packs, in order of their first member: each joins the open pack of its key until that has
+    `limit` members (a number, or a function of the pack's first member); a key of None trains alone. What `train`
+    runs one pack after another, and how the coordinator packs its queue."""
+    limit_of = limit if callable(limit) else (lambda _: limit)
     packs: list[list[T]] = []
-    open_packs: dict[Any, list[T]] = {}
+    open_packs: dict[Any, tuple[list[T], int]] = {}  # key → its open pack and that pack's size limit
     for item in items:
         k = key(item)
-        if k is None or limit <= 1:
+        if k is None:
             packs.append([item])
             continue
-        pack = open_packs.get(k)
-        if pack is None or len(pack) >= limit:
-            pack = open_packs[k] = []
+        pack, size = open_packs.get(k, ([], 0))
+        if not pack or len(pack) >= size:
+            pack, size = [], limit_of(item)
             packs.append(pack)
+            if size > 1:
+                open_packs[k] = (pack, size)
         pack.append(item)
     return packs
 
