@@ -546,17 +546,10 @@ def cmd_logs(args) -> int:
     return 0
 
 
-def _default_store() -> Path:
-    """l2cluster.daemon.default_store(), without importing the daemon module (it imports Ray): store commands stay
-    light. tests/test_store_files.py checks that the two agree."""
-    home = os.environ.get("L2CLUSTER_HOME") or Path.home() / ".local" / "state" / "l2cluster"
-    return Path(home) / "store.db"
-
-
 def cmd_store_backup(args) -> int:
-    from l2cluster.store import Store
+    from l2cluster.store import Store, default_store
 
-    store = Store.open_read_only(args.store or _default_store())
+    store = Store.open_read_only(args.store or default_store())
     try:
         print(store.backup(args.dest))
     finally:
@@ -567,9 +560,9 @@ def cmd_store_backup(args) -> int:
 def cmd_store_check(args) -> int:
     """0: the store is healthy; 1: SQLite's integrity check found problems (listed on stdout); 2: not a store
     that can be opened (missing, another application's file, unreadable)."""
-    from l2cluster.store import Store
+    from l2cluster.store import Store, default_store
 
-    store = Store.open_read_only(args.store or _default_store())
+    store = Store.open_read_only(args.store or default_store())
     try:
         problems = store.integrity_problems()
     except sqlite3.DatabaseError as e:

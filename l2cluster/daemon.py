@@ -22,7 +22,7 @@ import ray
 
 from l2cluster.errors import InputError
 from l2cluster.limits import DEFAULT_MAX_JOBS
-from l2cluster.store import checkpoint
+from l2cluster.store import checkpoint, default_store, home  # noqa: F401 (default_store: the daemon's store)
 
 # The coordinator actor's name and namespace on the cluster: how every client finds the daemon.
 NAMESPACE = "l2cluster"
@@ -31,15 +31,6 @@ NAME = "coordinator"
 
 class DaemonError(InputError, RuntimeError):
     """The daemon cannot be reached or started; the message says what to do."""
-
-
-def home() -> Path:
-    """Where the local daemon keeps its state file, log and (by default) the store."""
-    return Path(os.environ.get("L2CLUSTER_HOME") or Path.home() / ".local" / "state" / "l2cluster")
-
-
-def default_store() -> Path:
-    return home() / "store.db"
 
 
 def _state_file() -> Path:

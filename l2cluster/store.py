@@ -101,6 +101,17 @@ CREATE TABLE IF NOT EXISTS results (
 """
 
 
+def home() -> Path:
+    """Where the local daemon keeps its state file, log and (by default) the store: $L2CLUSTER_HOME, else
+    ~/.local/state/l2cluster."""
+    return Path(os.environ.get("L2CLUSTER_HOME") or Path.home() / ".local" / "state" / "l2cluster")
+
+
+def default_store() -> Path:
+    """The local daemon's store file, which `run`, `daemon start` and the store commands use by default."""
+    return home() / "store.db"
+
+
 class StoreError(InputError, RuntimeError):
     """The store file cannot be used (locked, corrupt, from a newer version); names the file and the fix."""
 

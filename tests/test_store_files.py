@@ -322,7 +322,7 @@ def test_a_store_in_a_read_only_folder_is_read_but_never_written(tmp_path):
 
 def test_store_commands_default_to_the_daemons_store(monkeypatch, tmp_path):
     from l2cluster import daemon
-    from l2cluster.cli import _default_store
+    from l2cluster.store import default_store as _default_store
 
     monkeypatch.delenv("L2CLUSTER_HOME", raising=False)
     assert _default_store() == daemon.default_store()
