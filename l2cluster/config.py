@@ -24,6 +24,8 @@ from pydantic import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from l2cluster.registry import Registry  # only a type here: reading a spec loads no plugin code
 
 
@@ -113,6 +115,12 @@ class _Optimizer(_Strict):
     weight_decay: float = Field(0.0, ge=0, le=10)
     """The optimizer's own weight decay; 0 unless set here (AdamW's library default of 1e-2 never applies)."""
 
+    def _lr(self, params: list[torch.nn.Parameter], capturable: bool):
+        """The lr to build with: with `capturable` a device tensor (a CUDA graph reads it; see graphs.DeviceLR)."""
+        import torch
+
+        return torch.tensor(self.lr, device=params[0].device) if capturable else self.lr
+
 
 class SGDConfig(_Optimizer):
     """torch.optim.SGD."""
@@ -131,6 +139,13 @@ class SGDConfig(_Optimizer):
             raise ValueError("nesterov: true needs momentum > 0; set optimizer.momentum (e.g. 0.9)")
         return self
 
+    def build(self, params: list[torch.nn.Parameter], *, capturable: bool = False) -> torch.optim.Optimizer:
+        """torch's fused SGD (one kernel per parameter). `capturable`: the lr is a device tensor."""
+        import torch
+
+        return torch.optim.SGD(params, lr=self._lr(params, capturable), momentum=self.momentum,
+                               nesterov=self.nesterov, weight_decay=self.weight_decay, fused=True)
+
 
 class AdamConfig(_Optimizer):
     """torch.optim.Adam; its weight_decay is an L2 term folded into the gradient (coupled)."""
@@ -140,6 +155,16 @@ class AdamConfig(_Optimizer):
     """Decay rates of the first and second moment estimates."""
     eps: float = Field(1e-8, gt=0)
     """Added to the denominator for numerical stability."""
+
+    def build(self, params: list[torch.nn.Parameter], *, capturable: bool = False) -> torch.optim.Optimizer:
+        """torch's fused Adam or AdamW (one kernel per parameter instead of ~10; 3x faster steps on CPU), with
+        weight_decay always passed: AdamW's library default (1e-2) must never apply silently. `capturable`: the
+        lr is a device tensor and the step count lives on the device, as CUDA graphs need."""
+        import torch
+
+        cls = torch.optim.AdamW if self.name == "adamw" else torch.optim.Adam
+        return cls(params, lr=self._lr(params, capturable), betas=(self.betas[0], self.betas[1]), eps=self.eps,
+                   weight_decay=self.weight_decay, fused=True, capturable=capturable)
 
 
 class AdamWConfig(AdamConfig):
@@ -154,6 +179,10 @@ class ConstantSchedule(_Strict):
 
     name: Literal["constant"] = "constant"
 
+    def build(self, optimizer: torch.optim.Optimizer, epochs: int) -> None:
+        """No scheduler: the lr never changes."""
+        return None
+
 
 class StepSchedule(_Strict):
     """Multiply the learning rate by gamma every step_size epochs."""
@@ -164,6 +193,11 @@ class StepSchedule(_Strict):
     gamma: float = Field(0.1, gt=0, le=1)
     """Decay factor."""
 
+    def build(self, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+        import torch
+
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.step_size, gamma=self.gamma)
+
 
 class CosineSchedule(_Strict):
     """Cosine annealing from optimizer.lr to min_lr over t_max epochs."""
@@ -173,6 +207,11 @@ class CosineSchedule(_Strict):
     """Epochs of one half cosine; default: the job's epochs."""
     min_lr: float = Field(0.0, ge=0)
     """Learning rate at the end of the cosine."""
+
+    def build(self, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+        import torch
+
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.t_max or epochs, eta_min=self.min_lr)
 
 
 class PlateauSchedule(_Strict):
@@ -187,6 +226,14 @@ class PlateauSchedule(_Strict):
     """Relative improvement in validation loss that counts as improvement."""
     min_lr: float = Field(0.0, ge=0)
     """Lower bound on the learning rate."""
+
+    def build(self, optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+        """Stepped with the mean validation loss of the stack's live models (the trainer refuses K > 1)."""
+        import torch
+
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=self.factor,
+                                                          patience=self.patience, threshold=self.threshold,
+                                                          min_lr=self.min_lr)
 
 
 OptimizerConfig = Annotated[SGDConfig | AdamConfig | AdamWConfig, Field(discriminator="name")]

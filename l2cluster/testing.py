@@ -201,9 +201,9 @@ def _per_example(trainer) -> tuple[bool, str]:
         with torch.no_grad():
             logits = trainer.model(x[:, part], record)
             ctx = TrainContext(**{**trainer.ctx.__dict__, "global_batch": 16, "local_batch": logits.shape[1]})
-            terms.append(torch.cat([trainer._call(p, "example_penalty", ctx=ctx, logits=logits, targets=y[:, part],
-                                                  hidden=tuple(hidden), epoch=1)
-                                    for p in trainer._with["example_penalty"]], 1))
+            terms.append(torch.cat([trainer.hooks.call(p, "example_penalty", ctx=ctx, logits=logits,
+                                                       targets=y[:, part], hidden=tuple(hidden), epoch=1)
+                                    for p in trainer.hooks.with_hook["example_penalty"]], 1))
     whole, halves = terms[0], torch.cat(terms[1:], 1)
     ok = torch.allclose(whole, halves, rtol=_TOL, atol=1e-12)
     return ok, ("an example's term depends on the other examples of the batch; under DDP each rank holds only "

@@ -64,7 +64,7 @@ def test_cuda_graph_replay_trains_like_eager_steps():
     graphed = Trainer([config(**GRAPHABLE)], splits, registry(), device="cuda")
     eager = Trainer([config(**GRAPHABLE)], splits, registry(), device="cuda", cuda_graphs=False)
     (rg,), (re,) = graphed.fit(), eager.fit()
-    assert graphed.graphs and graphed._graph is not None, graphed.graph_error
+    assert graphed.graphs and graphed.captured.graph is not None, graphed.graph_error
     assert not eager.graphs
     assert graphed.step_count == eager.step_count == 3 * 21
     assert [m["lr"] for m in rg.epochs] == pytest.approx([m["lr"] for m in re.epochs])
@@ -89,7 +89,7 @@ def test_every_builtin_trains_under_cuda_graphs_like_eager_steps(mode):
     graphed = Trainer(cfgs, splits, registry(), device="cuda")
     eager = Trainer(cfgs, splits, registry(), device="cuda", cuda_graphs=False)
     rg, re = graphed.fit(), eager.fit()
-    assert graphed.graphs and graphed._graph is not None and graphed.graphs_off_reason is None, \
+    assert graphed.graphs and graphed.captured.graph is not None and graphed.graphs_off_reason is None, \
         graphed.graphs_off_reason
     assert not eager.graphs and "cuda_graphs=False" in eager.graphs_off_reason
     assert graphed.step_count == eager.step_count == 3 * 21
@@ -114,7 +114,7 @@ def test_the_contract_v2_builtins_train_under_cuda_graphs_like_eager_steps():
     graphed = Trainer(cfgs, splits, registry(), device="cuda")
     eager = Trainer(cfgs, splits, registry(), device="cuda", cuda_graphs=False)
     rg, re = graphed.fit(), eager.fit()
-    assert graphed.graphs and graphed._graph is not None and graphed.graphs_off_reason is None, \
+    assert graphed.graphs and graphed.captured.graph is not None and graphed.graphs_off_reason is None, \
         graphed.graphs_off_reason
     ema = [t.plugins[-1].state["updates"].tolist() for t in (graphed, eager)]
     assert ema[0] == ema[1] == [graphed.step_count] * 2
@@ -149,7 +149,7 @@ def test_models_with_nonfinite_gradients_are_skipped_inside_the_cuda_graph():
             "cpu": Trainer(cfgs, splits, reg, device="cpu")}
     results = {name: t.fit() for name, t in runs.items()}
     graphed = runs["graphed"]
-    assert graphed.graphs and graphed._graph is not None, graphed.graphs_off_reason
+    assert graphed.graphs and graphed.captured.graph is not None, graphed.graphs_off_reason
     skipped = {name: [sum(m["skipped_steps"] for m in r.epochs) for r in rs] for name, rs in results.items()}
     assert skipped["graphed"] == skipped["eager"] == skipped["cpu"], skipped
     assert skipped["cpu"][0] == 0 and 0 < skipped["cpu"][1] < 40 and skipped["cpu"][2] == 40
@@ -162,7 +162,7 @@ def test_models_with_nonfinite_gradients_are_skipped_inside_the_cuda_graph():
     # Alone and skipped on every step: nothing moves, not even Adam's step count (no model of the stack stepped).
     alone = Trainer(_skipping(reg, when=(2,)), splits, reg, device="cuda")
     (r,) = alone.fit()
-    assert alone.graphs and alone._graph is not None, alone.graphs_off_reason
+    assert alone.graphs and alone.captured.graph is not None, alone.graphs_off_reason
     assert r.outcome == "succeeded" and sum(m["skipped_steps"] for m in r.epochs) == 40
     for n, p in params_of(alone, 0).items():
         assert torch.equal(p.cpu(), params_of(Trainer(_skipping(reg, when=(2,)), splits, reg, device="cpu"), 0)[n])
@@ -200,7 +200,7 @@ def test_grad_clip_failing_on_nonfinite_gradients_trains_eagerly_and_says_why():
     splits = synthetic_splits(n_train=64 * 10)
     trainer = Trainer([cfg], splits, registry(), device="cuda")
     (r,) = trainer.fit()
-    assert r.outcome == "succeeded" and not trainer.graphs and trainer._graph is None
+    assert r.outcome == "succeeded" and not trainer.graphs and trainer.captured.graph is None
     reason = trainer.graphs_off_reason
     assert reason.startswith("capture failed: ") and "grad_clip" in reason and "on_nonfinite" in reason, reason
     eager = Trainer([cfg], splits, registry(), device="cuda", cuda_graphs=False)
@@ -271,7 +271,7 @@ def test_a_cuda_graph_run_resumed_from_a_checkpoint_ends_as_an_uninterrupted_one
     resumed = Trainer([config(**GRAPHABLE)], splits, registry(), device="cuda")
     resumed.load_state_dict(ckpt.load(1))
     (rr,) = resumed.fit()
-    assert full.graphs and resumed.graphs and resumed._graph is not None, resumed.graph_error
+    assert full.graphs and resumed.graphs and resumed.captured.graph is not None, resumed.graph_error
     for name, p in params_of(full).items():
         assert torch.equal(p, params_of(resumed)[name]), name
     assert rr.final["val_loss"] == rf.final["val_loss"] and rr.final["test_acc"] == rf.final["test_acc"]

@@ -21,7 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "l2cluster"
 
-CORE = ["model", "trainer", "runner", "checkpoint", "data", "plugin", "testing", "registry", "packing", "states",
+CORE = ["model", "trainer", "hooks", "nonfinite", "graphs", "skipping",
+        "runner", "checkpoint", "data", "plugin", "testing", "registry", "packing", "states",
         "process", "config", "spec_errors", "loading", "sweep", "spec"]
 RESULTS = ["store", "aggregate", "report", "export", "progress", "states", "packing", "limits", "log", "scheduler"]
 

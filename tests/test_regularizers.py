@@ -11,6 +11,7 @@ from support import InfGradients, config, params_of, registry, registry_with, sy
 
 from l2cluster.plugin import HyperParams, Regularizer, StackedRNG
 from l2cluster.registry import Registry, load_builtins
+from l2cluster.skipping import stacked_state
 from l2cluster.trainer import Trainer
 
 # 320 examples at batch 16: one epoch is 20 optimizer steps.
@@ -21,7 +22,7 @@ def train(cfgs, splits=None, reg=None, skip_on_host=True):
     trainer = Trainer(cfgs if isinstance(cfgs, list) else [cfgs], splits or synthetic_splits(), reg or registry(),
                       device="cpu")
     # False: skip models by the device-side mask that a GPU uses (no host read), instead of the CPU's host check.
-    trainer._skip_on_host = skip_on_host
+    trainer.skip_on_host = skip_on_host
     results = trainer.fit()
     return trainer, results
 
@@ -190,7 +191,7 @@ def test_a_model_skipped_on_every_step_keeps_its_parameters_and_optimizer_state(
     assert all(torch.equal(p, params_of(init, 1)[n]) for n, p in params_of(trainer, 1).items())
     assert max_diff(params_of(trainer, 0), params_of(init, 0)) > 1e-3  # its stack-mate trained
     for p in trainer.params.values():
-        state = trainer._stacked_state(p)
+        state = stacked_state(trainer.optimizer, p, trainer.K)
         assert state and all(not s[1].any() and s[0].abs().sum() > 0 for s in state)
 
 
@@ -230,7 +231,7 @@ def test_dropout_changes_outputs_in_training_only():
     trainer = Trainer([config(regularizers=[{"name": "dropout", "p": 0.5}], **STEPS_20)], synthetic_splits(),
                       registry(), device="cpu")
     xb = trainer.val_x[:32].unsqueeze(0)
-    train_out = trainer.model(xb, trainer._activation)
+    train_out = trainer.model(xb, trainer.hooks.on_activation)
     eval_out = trainer.model(xb)
     assert not torch.allclose(train_out, eval_out)
     loss_a, acc_a = trainer.evaluate(trainer.val_x, trainer.val_y)

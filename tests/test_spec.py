@@ -16,7 +16,6 @@ from l2cluster.cli import main
 from l2cluster.config import TrainConfig, spec_models
 from l2cluster.registry import Registry
 from l2cluster.spec import SpecError, count_jobs, expand, load_spec, parse_spec
-from l2cluster.trainer import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_FILES = sorted((ROOT / "jobs").glob("*.y*ml")) + sorted((ROOT / "jobs").glob("*.json"))
@@ -134,7 +133,7 @@ def test_adamw_never_gets_the_library_default_decay():
     assert cfg.optimizer.weight_decay == 0.0
     import torch
 
-    opt = build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(2))])
+    opt = cfg.optimizer.build([torch.nn.Parameter(torch.zeros(2))])
     assert opt.param_groups[0]["weight_decay"] == 0.0
 
 
