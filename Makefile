@@ -8,12 +8,15 @@ DATA   ?= $(wildcard ../shared/data/mnist)
 DATA_ARG := $(if $(DATA),--data-dir $(DATA),)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# make bench-compare: two git revisions, same run, same machine; WORKTREE is the working tree as it is now.
+BEFORE ?= HEAD
+AFTER  ?= WORKTREE
 # The image (deploy/Dockerfile) is tagged with l2cluster's version and the Ray pinned in pyproject.toml.
 VERSION     := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 RAY_VERSION := $(shell sed -n 's/^ *"ray\(\[[a-z,]*\]\)\{0,1\}==\([0-9.]*\)".*/\2/p' pyproject.toml)
 IMAGE       ?= l2cluster:$(VERSION)-ray$(RAY_VERSION)
 
-.PHONY: install demo test test-all lint bench bench-sweep docker clean
+.PHONY: install demo test test-all lint bench bench-sweep bench-compare docker clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,6 +46,10 @@ $(BENCH_STAMP): $(STAMP)
 
 bench-sweep: $(BENCH_STAMP)
 	$(PY) bench/sweep_throughput.py $(DATA_ARG) $(BENCH_ARGS)
+
+# Each revision's own reference and sweep benchmarks from a temporary worktree, rounds interleaved (no Ray Tune needed).
+bench-compare: $(STAMP)
+	$(PY) bench/compare_revisions.py $(BEFORE) $(AFTER) $(DATA_ARG) $(BENCH_ARGS)
 
 # Needs Docker (not available on the development machines): see deploy/README.md.
 docker:
