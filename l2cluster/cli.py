@@ -110,8 +110,9 @@ def cmd_train(args) -> int:
     import torch
 
     from l2cluster.data import load_mnist, split_mnist
+    from l2cluster.ids import pack_id
     from l2cluster.log import configure_logging, get_logger
-    from l2cluster.packing import group_into_packs, max_members, pack_id, pack_key
+    from l2cluster.packing import group_into_packs, max_members, pack_key
     from l2cluster.process import prepare_training_process
     from l2cluster.runner import Member, run_pack
     from l2cluster.trainer import resolve_device

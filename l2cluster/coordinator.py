@@ -31,8 +31,9 @@ from l2cluster.checkpoint import remove_job
 from l2cluster.data import DataError
 from l2cluster.errors import NotFoundError
 from l2cluster.gang import Gang, RankOutcome, remove_orphaned_placement_groups
+from l2cluster.ids import pack_id
 from l2cluster.log import configure_logging, get_logger
-from l2cluster.packing import ASSUMED_GPU_BYTES, group_into_packs, max_members, pack_id
+from l2cluster.packing import ASSUMED_GPU_BYTES, group_into_packs, max_members
 from l2cluster.scheduler import Cluster, Fail, GangShape, GangView, NewGang, QueuedPack, Release, Resources, plan
 from l2cluster.states import JobState
 from l2cluster.store import Store, experiment_jobs, experiment_rows, job_dict, job_log
@@ -131,9 +132,10 @@ class Coordinator:
         client sees (l2cluster.registry.versions). Raises SpecError (with every bad field), or PluginChangedError
         when a plugin the jobs use is not the code this daemon loaded. Returns the experiment id and the counts
         of its jobs: all, new, reused, rerun."""
+        from l2cluster.ids import experiment_id
         from l2cluster.loading import parse_spec
         from l2cluster.registry import check_unchanged
-        from l2cluster.sweep import expand, experiment_id
+        from l2cluster.sweep import expand
 
         self._ensure_loop()
         parsed = parse_spec(spec, self.registry, source=source)

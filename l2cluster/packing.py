@@ -116,11 +116,3 @@ def group_into_packs(items: Sequence[T], limit: int | Callable[[T], int], key: C
                 open_packs[k] = (pack, size)
         pack.append(item)
     return packs
-
-
-def pack_id(job_ids: Sequence[str]) -> str:
-    """A pack's id: a one-member pack is its job (checkpoints stay where they always were); a larger one is a
-    digest of its members, in order (hex, so it is a safe directory name like a job id)."""
-    if len(job_ids) == 1:
-        return job_ids[0]
-    return hashlib.sha256("\n".join(job_ids).encode()).hexdigest()[:16]

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from l2cluster.checkpoint import CheckpointWriteError, JobCheckpoints
 from l2cluster.config import TrainConfig
-from l2cluster.packing import pack_id as make_pack_id
+from l2cluster.ids import pack_id as make_pack_id
 from l2cluster.plugin import HookError
 from l2cluster.trainer import RunResult, Trainer
 

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from support import config, local_daemon, registry, synthetic_splits, wait_for
 
 from l2cluster.checkpoint import CheckpointWriteError, JobCheckpoints
-from l2cluster.packing import pack_id
+from l2cluster.ids import pack_id
 from l2cluster.runner import Member, _resume, run_pack
 
 JOB = "0123456789abcdef"

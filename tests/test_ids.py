@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from support import registry
 
+from l2cluster.ids import experiment_id, job_id, pack_id
 from l2cluster.loading import parse_spec
-from l2cluster.packing import pack_id, stack_key
-from l2cluster.sweep import expand, experiment_id, job_digest
+from l2cluster.packing import stack_key
+from l2cluster.sweep import expand
 
 SPEC = {"name": "pinned", "epochs": 2, "model": {"hidden_sizes": [32]}, "optimizer": {"name": "adamw", "lr": 0.001},
         "sweep": {"seeds": [0, 1], "grid": {"optimizer.lr": [0.001, 0.01]}}}
@@ -24,9 +25,9 @@ def test_job_group_and_experiment_ids_are_unchanged():
     assert experiment_id(spec, jobs) == "pinned-8ed75f1d"
 
 
-def test_a_job_digest_with_and_without_plugin_versions_is_unchanged():
-    assert job_digest("exp", {"a": 1, "b": [1.5, "x"]}, {}) == "50e461dae1db4ab0"
-    assert job_digest("exp", {"a": 1}, {"l2": "sha256:0123456789abcdef"}) == "8c8683c0cde107d9"
+def test_a_job_id_with_and_without_plugin_versions_is_unchanged():
+    assert job_id("exp", {"a": 1, "b": [1.5, "x"]}, {}) == "50e461dae1db4ab0"
+    assert job_id("exp", {"a": 1}, {"l2": "sha256:0123456789abcdef"}) == "8c8683c0cde107d9"
 
 
 def test_pack_ids_and_stack_keys_are_unchanged():

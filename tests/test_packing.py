@@ -13,13 +13,13 @@ import torch.multiprocessing as mp
 from pydantic import BaseModel, ConfigDict
 from support import InfPenalty, NanPenalty, config, params_of, registry, synthetic_splits
 
+from l2cluster.ids import pack_id
 from l2cluster.packing import (
     CPU_DEFAULT_MAX_PACK,
     GPU_DEFAULT_MAX_PACK,
     group_into_packs,
     max_members,
     member_bytes,
-    pack_id,
     pack_key,
     take_pack,
 )
