@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -79,21 +79,6 @@ def max_members(config: dict, *, gpu_bytes: int | None, cap: int | None = None) 
     fits = int(gpu_bytes * _GPU_MEMORY_SHARE // max(1, member_bytes(config)))
     k = min(GPU_DEFAULT_MAX_PACK, fits)
     return max(1, min(k, cap) if cap is not None else k)
-
-
-def take_pack(head: T, candidates: Iterable[T], limit: int, key: Callable[[T], Any]) -> list[T]:
-    """The pack that starts with `head`: it and the first candidates (in queue order) with the same key, up to
-    `limit` members. A head whose key is None trains alone."""
-    members = [head]
-    want = key(head)
-    if want is None or limit <= 1:
-        return members
-    for c in candidates:
-        if c is not head and key(c) == want:
-            members.append(c)
-            if len(members) >= limit:
-                break
-    return members
 
 
 def group_into_packs(items: Sequence[T], limit: int | Callable[[T], int], key: Callable[[T], Any]) -> list[list[T]]:

@@ -21,7 +21,6 @@ from l2cluster.packing import (
     max_members,
     member_bytes,
     pack_key,
-    take_pack,
 )
 from l2cluster.plugin import Regularizer
 from l2cluster.registry import Registry, load_builtins
@@ -100,8 +99,6 @@ def test_packs_take_same_key_jobs_in_queue_order_up_to_the_limit():
     key = lambda j: None if j == "x" else j[0]  # noqa: E731
     assert group_into_packs(jobs, 3, key) == [["a1", "a2", "a3"], ["b1", "b2"], ["x"], ["a4"]]
     assert group_into_packs(jobs, 1, key) == [[j] for j in jobs]
-    assert take_pack("a1", jobs, 2, key) == ["a1", "a2"]
-    assert take_pack("x", jobs, 5, key) == ["x"]
     assert pack_id(["0" * 16]) == "0" * 16 and len(pack_id(["0" * 16, "1" * 16])) == 16
 
 
