@@ -30,12 +30,13 @@ from ray.exceptions import RayActorError, RayError
 from l2cluster.checkpoint import remove_job
 from l2cluster.data import DataError
 from l2cluster.errors import NotFoundError
-from l2cluster.gang import Gang, RankOutcome, remove_orphaned_placement_groups
+from l2cluster.gang import Gang, remove_orphaned_placement_groups
 from l2cluster.ids import pack_id
 from l2cluster.log import configure_logging, get_logger
 from l2cluster.packing import ASSUMED_GPU_BYTES, group_into_packs, max_members
+from l2cluster.records import EpochMetrics, JobResult, RankOutcome
 from l2cluster.scheduler import Cluster, Fail, GangShape, GangView, NewGang, QueuedPack, Release, Resources, plan
-from l2cluster.states import JobState
+from l2cluster.states import JobState, Outcome
 from l2cluster.store import Store, experiment_jobs, experiment_rows, job_dict, job_log
 
 _TICK_S = 0.05
@@ -247,7 +248,7 @@ class Coordinator:
                         "ranks": infos})
         return out
 
-    async def report_epoch(self, job_id: str, epoch: int, metrics: dict) -> None:
+    async def report_epoch(self, job_id: str, epoch: int, metrics: EpochMetrics) -> None:
         if self.store.job(job_id) is not None:
             self.store.record_epoch(job_id, epoch, metrics)
         if job_id in self.running:
@@ -266,7 +267,7 @@ class Coordinator:
             if self.store.add_note(job_id, text, attempt=attempt):  # False: unknown job, or a stale attempt
                 self.log.warning("job_note", job_id=job_id, attempt=attempt, note=text)
 
-    async def report_result(self, job_id: str, attempt: int, result: dict) -> None:
+    async def report_result(self, job_id: str, attempt: int, result: JobResult) -> None:
         """A pack member ended while its pack trains on (diverged, failed by a plugin, cancelled): record it now."""
         running = self.running.get(job_id)
         if running is not None and running.attempts.get(job_id) == attempt:
@@ -317,7 +318,7 @@ class Coordinator:
         queued_ids = {r["id"] for r in queued}
         for action in plan([p.queued() for p in packs.values()], gangs, Cluster(total, free)):
             if isinstance(action, Fail):
-                self.store.finish(action.job_id, "failed", {}, error=action.reason)
+                self.store.finish(action.job_id, JobResult.failed(action.reason))
             elif isinstance(action, Release):
                 self._release(self.gangs[action.gang_id], action.reason)
             else:
@@ -417,7 +418,7 @@ class Coordinator:
             self._drop(gang)
             self._end_run(running)
             for job_id in running.active:
-                self.store.finish(job_id, "failed", {}, error=f"the coordinator cannot load MNIST: {e}")
+                self.store.finish(job_id, JobResult.failed(f"the coordinator cannot load MNIST: {e}"))
             return
         size = len(running.members)
         for job_id in running.active:  # an attempt is counted here: the job starts training
@@ -451,7 +452,8 @@ class Coordinator:
                 if job_id in out.results:
                     self._record(job_id, out.results[job_id], running.attempts[job_id])
                 elif not self._terminal(job_id):
-                    self.store.finish(job_id, "failed", {}, error=out.error or "the run returned no result",
+                    # A crash (or a rank with no result) fails the members it did not report, as complete records.
+                    self.store.finish(job_id, JobResult.failed(out.error or "the run returned no result"),
                                       attempt=running.attempts[job_id])
             # type-check: a running job's row exists
             log.info("pack_finished", outcomes={j: self.store.job(j)["state"] for j in running.active},  # type: ignore[index]
@@ -470,19 +472,18 @@ class Coordinator:
                 if self._terminal(job_id):
                     continue  # it ended (and was recorded) before the gang was lost
                 if running.cancel_all or job_id in running.cancelled:
-                    self.store.finish(job_id, "cancelled", {}, error=f"cancelled; {what}")
+                    self.store.finish(job_id, JobResult(Outcome.CANCELLED, error=f"cancelled; {what}"))
                 else:
                     self._retry_or_fail(job_id, f"{what}: {e}")  # whole: Ray's errors say why on later lines
         finally:
             self._end_run(running)
 
-    def _record(self, job_id: str, result: dict, attempt: int) -> None:
+    def _record(self, job_id: str, result: JobResult, attempt: int) -> None:
         """Store one member's result, once (a member that ended early was reported during the run already)."""
         if self._terminal(job_id):
             return
-        resumed = result.get("resumed_from_epoch")
-        self.store.finish(job_id, result["outcome"], result["final"], error=result["error"],
-                          diverged_epoch=result["diverged_epoch"], epochs=result.get("epochs"), attempt=attempt,
+        resumed = result.resumed_from_epoch
+        self.store.finish(job_id, result, attempt=attempt,
                           detail=f"resumed from the checkpoint of epoch {resumed}" if resumed else None)
 
     def _terminal(self, job_id: str) -> bool:
@@ -522,8 +523,7 @@ class Coordinator:
                                   "counted: it had not started training)")
         else:
             self.placement_failures.pop(job_id)
-            self.store.finish(job_id, "failed", {}, error=f"placement failed {failures} times in a row; the last: "
-                              f"{why}")
+            self.store.finish(job_id, JobResult.failed(f"placement failed {failures} times in a row; the last: {why}"))
 
     def _retry_or_fail(self, job_id: str, why: str) -> None:
         """A job lost its gang (or its coordinator): back to the queue, or failed once max_attempts are spent."""
@@ -537,9 +537,9 @@ class Coordinator:
                                   detail=f"attempt {row['attempts']} lost ({why}); re-queued to resume from its "  # type: ignore[index]
                                          "last checkpoint")
         else:
-            self.store.finish(job_id, "failed", {},
-                              # type-check: a job the store holds: its row is never None here
-                              error=f"gave up after {row['attempts']} attempt(s) (max_attempts); the last: {why}")  # type: ignore[index]
+            # type-check: a job the store holds: its row is never None here
+            gave_up = f"gave up after {row['attempts']} attempt(s) (max_attempts); the last: {why}"  # type: ignore[index]
+            self.store.finish(job_id, JobResult.failed(gave_up))
             remove_job(self.checkpoint_dir, job_id)
 
     def _mnist(self):

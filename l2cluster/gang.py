@@ -32,26 +32,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from l2cluster.data import Mnist, split_mnist
 from l2cluster.log import configure_logging, get_logger
 from l2cluster.process import prepare_training_process
+from l2cluster.records import RankOutcome
 from l2cluster.scheduler import GangShape  # the shape is the scheduler's (pure); gangs are made of it
 
 # Rank 0 tells the coordinator how far into the epoch its pack is at most this often (one small actor message).
 PROGRESS_EVERY_S = 2.0
-
-
-@dataclass(frozen=True)
-class RankOutcome:
-    """What one rank's run() returns to the coordinator: the pack's per-member results (job id → the runner's
-    result dict), or, when the run crashed outside the trainer's own handling, the error and its traceback."""
-
-    results: dict[str, dict] = field(default_factory=dict)
-    resumed_from_epoch: int | None = None
-    split: bool = False  # the pack split (a member's hook raised) and its members trained again alone
-    error: str | None = None
-    traceback: str | None = None
-
-    @property
-    def crashed(self) -> bool:
-        return self.traceback is not None
 
 
 # type-check: Ray's actor decorators are not typed

@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "l2cluster"
 
 CORE = ["model", "trainer", "runner", "checkpoint", "data", "plugin", "testing", "registry", "packing", "states",
-        "process", "config", "spec_errors", "loading", "sweep", "spec", "ids"]
+        "process", "config", "spec_errors", "loading", "sweep", "spec", "ids", "records"]
 RESULTS = ["store", "aggregate", "report", "export", "progress", "states", "packing", "limits", "log", "scheduler",
-           "ids"]
+           "ids", "records"]
 
 
 def imports_of(path: Path) -> set[str]:
