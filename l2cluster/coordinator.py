@@ -5,8 +5,9 @@ takes an idle gang of its shape, or a new gang when the cluster has room, togeth
 same priority that may be packed with it (l2cluster.packing: one stacked model, up to the pack size the gang's
 device allows). Each tick gathers the queue (as packs), the gangs and the free resources, asks the pure
 l2cluster.scheduler.plan what to start, fail or release, and applies that. Scheduling reads only keys stored at
-submission; no config is validated per tick. Every state change goes through the store; reads for `results` and
-`export` run in a worker thread on a read-only connection, off the event loop. Idle gangs are released after
+submission; no config is validated per tick. Every state change goes through the store; the reads of `status`,
+`logs`, `results` and `export` run in a worker thread on a read-only connection, and the resources are asked of Ray
+in one, off the event loop. Idle gangs are released after
 `idle_release_s`. On start it re-queues what a previous coordinator left placing or running (a pack keeps its
 members), so nothing is lost.
 """
@@ -160,8 +161,8 @@ class Coordinator:
     async def status(self, experiment_id: str | None = None) -> list[dict]:
         self._ensure_loop()
         if experiment_id is None:
-            return experiment_rows(self.store)
-        jobs = experiment_jobs(self.store, experiment_id)
+            return await self._read(experiment_rows)
+        jobs = await self._read(lambda store: experiment_jobs(store, experiment_id))
         for job in jobs:  # running and placing jobs: how far they are, from memory (`live`)
             running = self.running.get(job["job"])
             if running is not None:
@@ -183,8 +184,10 @@ class Coordinator:
         return await self._read(lambda store: export_experiment(store, experiment_id, epochs=epochs))
 
     async def _read(self, read):
-        """`read(store)` in a worker thread on a read-only connection of its own (a Store is not thread-safe): a
-        large experiment's export must not stall the event loop, which schedules and answers `status`."""
+        """`read(store)` in a worker thread on a read-only connection of its own, opened and closed in that thread
+        (an SQLite connection belongs to the thread that made it; the writer's stays on the event loop). A large
+        experiment's status, log or export must not stall the event loop, which schedules and answers every other
+        call. WAL lets the reader in beside the writer; it sees every committed transaction."""
         def in_thread():
             store = Store.open_read_only(self.store.path)
             try:
@@ -195,7 +198,7 @@ class Coordinator:
         return await asyncio.to_thread(in_thread)
 
     async def logs(self, job_id: str) -> dict:
-        return job_log(self.store, job_id)
+        return await self._read(lambda store: job_log(store, job_id))
 
     async def cancel(self, target: str) -> int:
         """Cancel an experiment's unfinished jobs, or one job; returns how many were cancelled or told to stop."""
@@ -290,7 +293,7 @@ class Coordinator:
     async def _loop(self) -> None:
         while True:
             try:
-                self._schedule()
+                await self._schedule()
                 self._release_idle()
             except Exception as e:  # the loop must survive anything one job or gang does
                 self.log.error("schedule_failed", error=f"{type(e).__name__}: {e}")
@@ -306,13 +309,18 @@ class Coordinator:
             scaling = self._scalings[shape_json] = json.loads(shape_json)
         return scaling
 
-    def _schedule(self) -> None:
-        """One tick: gather the queue (grouped into packs), the gangs and the resources; plan; apply the plan."""
+    async def _schedule(self) -> None:
+        """One tick: gather the resources, the queue (grouped into packs) and the gangs; plan; apply the plan."""
+        if not self.store.queued(limit=1):
+            return
+        # Gangs only start forming in this method, so what they reserve can only shrink while Ray answers.
+        pending = self.pending
+        total, available = await _cluster_resources()
+        # Read after the await, and nothing awaited from here on: a job cancelled meanwhile is not started.
         queued = self.store.queued()
         if not queued:
             return
-        total = Resources.of_ray(ray.cluster_resources())
-        free = Resources.of_ray(ray.available_resources()) - self.pending
+        free = available - pending
         packs = self._packs(queued, total)
         gangs = [GangView(g.id, g.shape, g.ready, g.busy, g.idle_since) for g in self.gangs.values()]
         queued_ids = {r["id"] for r in queued}
@@ -590,6 +598,13 @@ class Coordinator:
         options += [f"--plugin-dir {shlex.quote(d)}" for d in self.plugin_dirs]
         return (f"l2cluster daemon stop && l2cluster daemon start {' '.join(options)} (with the other options it "
                 "was started with; add --address for a daemon on an existing Ray cluster)")
+
+
+async def _cluster_resources() -> tuple[Resources, Resources]:
+    """The cluster's total and available resources. Each is a call to Ray's control store that blocks until it
+    answers: made in a worker thread, so the event loop answers other calls meanwhile."""
+    total, available = await asyncio.to_thread(lambda: (ray.cluster_resources(), ray.available_resources()))
+    return Resources.of_ray(total), Resources.of_ray(available)
 
 
 async def _await_ranks(refs: list) -> tuple[list[RankOutcome | None], int]:
