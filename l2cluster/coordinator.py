@@ -22,7 +22,7 @@ import shlex
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
@@ -248,7 +248,7 @@ class Coordinator:
                 continue
             members = [j for j, r in self.running.items() if r.gang is g]
             out.append({"gang": g.id, "shape": g.shape.__dict__, "busy": g.busy, "job": g.job_id, "jobs": members,
-                        "ranks": infos})
+                        "ranks": [asdict(i) for i in infos]})
         return out
 
     async def report_epoch(self, job_id: str, epoch: int, metrics: EpochMetrics) -> None:
@@ -410,8 +410,8 @@ class Coordinator:
                     await gang.form(mnist, self.form_timeout_s)
                 finally:
                     self.pending -= Resources.of(shape)
-                log.info("gang_formed", pids=[i["pid"] for i in gang.infos], node=gang.node)
-                sizes = [i["gpu_bytes"] for i in gang.infos if i.get("gpu_bytes")]
+                log.info("gang_formed", pids=[i.pid for i in gang.infos], node=gang.node)
+                sizes = [i.gpu_bytes for i in gang.infos if i.gpu_bytes]
                 if sizes:
                     self.gpu_bytes[shape] = min(sizes)
         except (RayError, asyncio.TimeoutError, OSError) as e:

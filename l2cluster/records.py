@@ -1,6 +1,7 @@
 """The typed records that cross Ray between a gang's ranks and the coordinator (and that `train` prints).
 
-A rank returns a `RankOutcome` from each run: a `JobResult` per member job, or the error of a crash. A `JobResult`
+A rank describes itself with a `RankInfo`, and returns a `RankOutcome` from each run: a `JobResult` per member
+job, or the error of a crash. A `JobResult`
 is complete on every path — a crash or a refused plugin is `JobResult.failed(error)` — and becomes columns and JSON
 only where the store records it (`Store.finish`). Plain Python (no torch, no Ray): the results code imports it.
 """
@@ -37,6 +38,18 @@ class JobResult:
     def failed(cls, error: str) -> JobResult:
         """The result of a run that ended with an error before it produced any numbers (a crash, a refused plugin)."""
         return cls(Outcome.FAILED, error=error)
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """What a rank says about itself (RankWorker.info): read when its gang forms, listed by `l2cluster gangs`."""
+
+    pid: int
+    node: str  # "<node IP>/<first 6 hex of the Ray node id>"
+    rank: int
+    gpu_bytes: int | None  # its GPU's memory; None on a CPU rank
+    process_groups_started: int  # 1 for a gang kept warm: a new process group per job would be more
+    jobs_run: int
 
 
 @dataclass(frozen=True)
