@@ -51,8 +51,10 @@ def example_accuracy(overrides: dict, seed: int, shift: float = 0.0) -> float:
 def write_example_store(path: Path) -> list[str]:
     """Two experiments in a new store at `path` (the second: a later run of the first two variants, slightly
     better); returns their ids."""
+    from l2cluster.records import JobResult
     from l2cluster.registry import load_registry
     from l2cluster.spec import expand, parse_spec
+    from l2cluster.states import JobState, Outcome
     from l2cluster.store import Store
 
     registry = load_registry(use_entry_points=False)
@@ -67,8 +69,8 @@ def write_example_store(path: Path) -> list[str]:
             for job in jobs:
                 test = example_accuracy(job.overrides, job.seed, shift)
                 lr0 = job.overrides.get("optimizer.lr", 0.003)
-                store.transition(job.id, "placing")
-                store.transition(job.id, "running")
+                store.transition(job.id, JobState.PLACING)
+                store.transition(job.id, JobState.RUNNING)
                 for epoch in range(1, 5):
                     val = test - 0.012 / epoch + 0.001 * (job.seed - 1)
                     store.record_epoch(job.id, epoch, {
@@ -76,12 +78,12 @@ def write_example_store(path: Path) -> list[str]:
                         "val_loss": 4 * (1 - val) + 0.1 / epoch, "train_loss": 3 * (1 - val) + 0.2 / epoch,
                         "lr": lr0 * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / 4)),
                         "grad_norm": 1.5 / epoch + 0.1 * job.seed, "clipped_steps": 0})
-                store.finish(job.id, "succeeded", {
+                store.finish(job.id, JobResult(Outcome.SUCCEEDED, {
                     "val_acc": val, "test_acc": test, "test_loss": 4 * (1 - test),
                     "train_acc": test + 0.02 - 0.002 * job.seed,
                     "val_loss": 0.12 + 0.25 / 4, "train_loss": 0.15, "weight_norm": 30 - 2 * math.log10(
                         job.overrides.get("regularizers.l2.strength", 1e-6)), "best_val_acc": None,
-                    "best_epoch": None, "epochs_run": 4})
+                    "best_epoch": None, "epochs_run": 4}))
             ids.append(exp_id)
     finally:
         store.close()

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from l2cluster.errors import InputError
-from l2cluster.states import TERMINAL_STATES
+from l2cluster.states import TERMINAL_STATES, JobState
 from l2cluster.store import job_dict
 
 CONFIDENCE = 0.95
@@ -407,15 +407,15 @@ def _summarize_group(experiment: str, key: str, jobs: list[dict], by: list[str])
         label, overrides = first["label"], first["overrides"]
         axis = strength_axis(label, overrides, first["config"])
     states = [j["state"] for j in jobs]
-    ok = [j for j in jobs if j["state"] == "succeeded" and j.get("result")]
+    ok = [j for j in jobs if j["state"] == JobState.SUCCEEDED and j.get("result")]
     finals = [j["result"]["final"] for j in ok]
     bests = [_best_of(j.get("epochs") or [], j["result"]["final"]) for j in ok]
     best_epochs = [e for _, e in bests if e is not None]
     return Group(
         experiment=experiment, key=key, label=label, overrides=overrides, settings=settings_text(overrides),
         axis=axis, seeds=sorted(j["seed"] for j in ok), num_jobs=len(jobs), num_succeeded=len(ok),
-        num_diverged=states.count("diverged"), num_failed=states.count("failed"),
-        num_cancelled=states.count("cancelled"), num_pending=sum(s not in TERMINAL_STATES for s in states),
+        num_diverged=states.count(JobState.DIVERGED), num_failed=states.count(JobState.FAILED),
+        num_cancelled=states.count(JobState.CANCELLED), num_pending=sum(s not in TERMINAL_STATES for s in states),
         val_acc=summarize(f.get("val_acc") for f in finals), val_loss=summarize(f.get("val_loss") for f in finals),
         best_val_acc=summarize(v for v, _ in bests),
         best_epoch=statistics.median(best_epochs) if best_epochs else None,

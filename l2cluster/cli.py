@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from l2cluster.errors import EXIT_INTERRUPTED, InputError, exit_code
+from l2cluster.states import JobState, Outcome
 
 
 class UserError(InputError):
@@ -110,9 +111,11 @@ def cmd_train(args) -> int:
     import torch
 
     from l2cluster.data import load_mnist, split_mnist
+    from l2cluster.ids import pack_id
     from l2cluster.log import configure_logging, get_logger
-    from l2cluster.packing import group_into_packs, max_members, pack_id, pack_key
+    from l2cluster.packing import group_into_packs, max_members, pack_key
     from l2cluster.process import prepare_training_process
+    from l2cluster.records import JobResult
     from l2cluster.runner import Member, run_pack
     from l2cluster.trainer import resolve_device
 
@@ -152,10 +155,10 @@ def cmd_train(args) -> int:
         def on_epoch(job_id, epoch, m, plog=plog):
             plog.info("epoch_done", job_id=job_id, epoch=epoch, **{k: _round(v) for k, v in m.items() if k != "epoch"})
 
-        def on_result(job_id, result, plog=plog):
-            event = plog.info if result["outcome"] == "succeeded" else plog.warning
-            event("job_finished", job_id=job_id, outcome=result["outcome"], error=result["error"],
-                  **{k: _round(v) for k, v in result["final"].items()})
+        def on_result(job_id, result: JobResult, plog=plog):
+            event = plog.info if result.outcome is Outcome.SUCCEEDED else plog.warning
+            event("job_finished", job_id=job_id, outcome=result.outcome.value, error=result.error,
+                  **{k: _round(v) for k, v in result.final.items()})
 
         try:
             device = device_of(pack[0])
@@ -165,16 +168,16 @@ def cmd_train(args) -> int:
             results = run.results
         except Exception as e:  # one crashing pack must not take the others down
             plog.error("pack_failed", error=f"{type(e).__name__}: {e}")
-            results = {j.id: {"outcome": "failed", "final": {}, "error": f"{type(e).__name__}: {e}"} for j in pack}
+            results = {j.id: JobResult.failed(f"{type(e).__name__}: {e}") for j in pack}
         for job_id, result in results.items():
             on_result(job_id, result)
-            rows[job_id] = (*_row(by_id[job_id], result["outcome"], result["final"]),
-                            pid[:8] if len(pack) > 1 else "-", _error_cell(result.get("error")))
+            rows[job_id] = (*_row(by_id[job_id], result.outcome, result.final),
+                            pid[:8] if len(pack) > 1 else "-", _error_cell(result.error))
     log.info("experiment_finished", jobs=len(jobs), wall_s=round(time.perf_counter() - t0, 2))
     ordered = [rows[j.id] for j in jobs if j.id in rows]
     print(_table(("job", "variant", "settings", "seed", "outcome", "val_acc", "test_acc", "epochs", "train_s", "pack",
                   "error"), ordered))
-    return 0 if all(r[4] != "failed" for r in ordered) else 1
+    return 0 if all(r[4] != Outcome.FAILED.value for r in ordered) else 1
 
 
 # -- the daemon ---------------------------------------------------------------------------------------------
@@ -276,7 +279,7 @@ def _wait_and_report(experiment: str) -> int:
            names={j["job"]: _configuration(j) for j in plan["jobs"]})
     export = _daemon_call("export", experiment, timeout=300)
     print(_final_tables(export, _output_width()))
-    return 1 if any(j["state"] == "failed" for j in export["jobs"]) else 0
+    return 1 if any(j["state"] == JobState.FAILED for j in export["jobs"]) else 0
 
 
 def _output_width() -> int | None:
@@ -616,9 +619,9 @@ def _fmt(v, digits=4) -> str:
     return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def _row(job, outcome: str, final: dict) -> tuple:
+def _row(job, outcome: Outcome, final: dict) -> tuple:
     settings = " ".join(f"{k.split('.')[-1]}={v}" for k, v in job.overrides.items()) or "-"
-    return (job.id, job.label or "-", settings, job.seed, outcome, _fmt(final.get("val_acc")),
+    return (job.id, job.label or "-", settings, job.seed, outcome.value, _fmt(final.get("val_acc")),
             _fmt(final.get("test_acc")), _fmt(final.get("epochs_run")), _fmt(final.get("train_s"), 1))
 
 

@@ -5,8 +5,9 @@ takes an idle gang of its shape, or a new gang when the cluster has room, togeth
 same priority that may be packed with it (l2cluster.packing: one stacked model, up to the pack size the gang's
 device allows). Each tick gathers the queue (as packs), the gangs and the free resources, asks the pure
 l2cluster.scheduler.plan what to start, fail or release, and applies that. Scheduling reads only keys stored at
-submission; no config is validated per tick. Every state change goes through the store; reads for `results` and
-`export` run in a worker thread on a read-only connection, off the event loop. Idle gangs are released after
+submission; no config is validated per tick. Every state change goes through the store; the reads of `status`,
+`logs`, `results` and `export` run in a worker thread on a read-only connection, and the resources are asked of Ray
+in one, off the event loop. Idle gangs are released after
 `idle_release_s`. On start it re-queues what a previous coordinator left placing or running (a pack keeps its
 members), so nothing is lost.
 """
@@ -21,7 +22,7 @@ import shlex
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
@@ -30,11 +31,13 @@ from ray.exceptions import RayActorError, RayError
 from l2cluster.checkpoint import remove_job
 from l2cluster.data import DataError
 from l2cluster.errors import NotFoundError
-from l2cluster.gang import Gang, RankOutcome, remove_orphaned_placement_groups
+from l2cluster.gang import Gang, remove_orphaned_placement_groups
+from l2cluster.ids import pack_id
 from l2cluster.log import configure_logging, get_logger
-from l2cluster.packing import ASSUMED_GPU_BYTES, group_into_packs, max_members, pack_id
+from l2cluster.packing import ASSUMED_GPU_BYTES, group_into_packs, max_members
+from l2cluster.records import EpochMetrics, JobResult, RankOutcome
 from l2cluster.scheduler import Cluster, Fail, GangShape, GangView, NewGang, QueuedPack, Release, Resources, plan
-from l2cluster.states import JobState
+from l2cluster.states import JobState, Outcome
 from l2cluster.store import Store, experiment_jobs, experiment_rows, job_dict, job_log
 
 _TICK_S = 0.05
@@ -131,9 +134,10 @@ class Coordinator:
         client sees (l2cluster.registry.versions). Raises SpecError (with every bad field), or PluginChangedError
         when a plugin the jobs use is not the code this daemon loaded. Returns the experiment id and the counts
         of its jobs: all, new, reused, rerun."""
+        from l2cluster.ids import experiment_id
         from l2cluster.loading import parse_spec
         from l2cluster.registry import check_unchanged
-        from l2cluster.sweep import expand, experiment_id
+        from l2cluster.sweep import expand
 
         self._ensure_loop()
         parsed = parse_spec(spec, self.registry, source=source)
@@ -157,8 +161,8 @@ class Coordinator:
     async def status(self, experiment_id: str | None = None) -> list[dict]:
         self._ensure_loop()
         if experiment_id is None:
-            return experiment_rows(self.store)
-        jobs = experiment_jobs(self.store, experiment_id)
+            return await self._read(experiment_rows)
+        jobs = await self._read(lambda store: experiment_jobs(store, experiment_id))
         for job in jobs:  # running and placing jobs: how far they are, from memory (`live`)
             running = self.running.get(job["job"])
             if running is not None:
@@ -180,8 +184,10 @@ class Coordinator:
         return await self._read(lambda store: export_experiment(store, experiment_id, epochs=epochs))
 
     async def _read(self, read):
-        """`read(store)` in a worker thread on a read-only connection of its own (a Store is not thread-safe): a
-        large experiment's export must not stall the event loop, which schedules and answers `status`."""
+        """`read(store)` in a worker thread on a read-only connection of its own, opened and closed in that thread
+        (an SQLite connection belongs to the thread that made it; the writer's stays on the event loop). A large
+        experiment's status, log or export must not stall the event loop, which schedules and answers every other
+        call. WAL lets the reader in beside the writer; it sees every committed transaction."""
         def in_thread():
             store = Store.open_read_only(self.store.path)
             try:
@@ -192,7 +198,7 @@ class Coordinator:
         return await asyncio.to_thread(in_thread)
 
     async def logs(self, job_id: str) -> dict:
-        return job_log(self.store, job_id)
+        return await self._read(lambda store: job_log(store, job_id))
 
     async def cancel(self, target: str) -> int:
         """Cancel an experiment's unfinished jobs, or one job; returns how many were cancelled or told to stop."""
@@ -242,10 +248,10 @@ class Coordinator:
                 continue
             members = [j for j, r in self.running.items() if r.gang is g]
             out.append({"gang": g.id, "shape": g.shape.__dict__, "busy": g.busy, "job": g.job_id, "jobs": members,
-                        "ranks": infos})
+                        "ranks": [asdict(i) for i in infos]})
         return out
 
-    async def report_epoch(self, job_id: str, epoch: int, metrics: dict) -> None:
+    async def report_epoch(self, job_id: str, epoch: int, metrics: EpochMetrics) -> None:
         if self.store.job(job_id) is not None:
             self.store.record_epoch(job_id, epoch, metrics)
         if job_id in self.running:
@@ -264,7 +270,7 @@ class Coordinator:
             if self.store.add_note(job_id, text, attempt=attempt):  # False: unknown job, or a stale attempt
                 self.log.warning("job_note", job_id=job_id, attempt=attempt, note=text)
 
-    async def report_result(self, job_id: str, attempt: int, result: dict) -> None:
+    async def report_result(self, job_id: str, attempt: int, result: JobResult) -> None:
         """A pack member ended while its pack trains on (diverged, failed by a plugin, cancelled): record it now."""
         running = self.running.get(job_id)
         if running is not None and running.attempts.get(job_id) == attempt:
@@ -287,7 +293,7 @@ class Coordinator:
     async def _loop(self) -> None:
         while True:
             try:
-                self._schedule()
+                await self._schedule()
                 self._release_idle()
             except Exception as e:  # the loop must survive anything one job or gang does
                 self.log.error("schedule_failed", error=f"{type(e).__name__}: {e}")
@@ -303,19 +309,24 @@ class Coordinator:
             scaling = self._scalings[shape_json] = json.loads(shape_json)
         return scaling
 
-    def _schedule(self) -> None:
-        """One tick: gather the queue (grouped into packs), the gangs and the resources; plan; apply the plan."""
+    async def _schedule(self) -> None:
+        """One tick: gather the resources, the queue (grouped into packs) and the gangs; plan; apply the plan."""
+        if not self.store.queued(limit=1):
+            return
+        # Gangs only start forming in this method, so what they reserve can only shrink while Ray answers.
+        pending = self.pending
+        total, available = await _cluster_resources()
+        # Read after the await, and nothing awaited from here on: a job cancelled meanwhile is not started.
         queued = self.store.queued()
         if not queued:
             return
-        total = Resources.of_ray(ray.cluster_resources())
-        free = Resources.of_ray(ray.available_resources()) - self.pending
+        free = available - pending
         packs = self._packs(queued, total)
         gangs = [GangView(g.id, g.shape, g.ready, g.busy, g.idle_since) for g in self.gangs.values()]
         queued_ids = {r["id"] for r in queued}
         for action in plan([p.queued() for p in packs.values()], gangs, Cluster(total, free)):
             if isinstance(action, Fail):
-                self.store.finish(action.job_id, "failed", {}, error=action.reason)
+                self.store.finish(action.job_id, JobResult.failed(action.reason))
             elif isinstance(action, Release):
                 self._release(self.gangs[action.gang_id], action.reason)
             else:
@@ -399,8 +410,8 @@ class Coordinator:
                     await gang.form(mnist, self.form_timeout_s)
                 finally:
                     self.pending -= Resources.of(shape)
-                log.info("gang_formed", pids=[i["pid"] for i in gang.infos], node=gang.node)
-                sizes = [i["gpu_bytes"] for i in gang.infos if i.get("gpu_bytes")]
+                log.info("gang_formed", pids=[i.pid for i in gang.infos], node=gang.node)
+                sizes = [i.gpu_bytes for i in gang.infos if i.gpu_bytes]
                 if sizes:
                     self.gpu_bytes[shape] = min(sizes)
         except (RayError, asyncio.TimeoutError, OSError) as e:
@@ -415,7 +426,7 @@ class Coordinator:
             self._drop(gang)
             self._end_run(running)
             for job_id in running.active:
-                self.store.finish(job_id, "failed", {}, error=f"the coordinator cannot load MNIST: {e}")
+                self.store.finish(job_id, JobResult.failed(f"the coordinator cannot load MNIST: {e}"))
             return
         size = len(running.members)
         for job_id in running.active:  # an attempt is counted here: the job starts training
@@ -449,7 +460,8 @@ class Coordinator:
                 if job_id in out.results:
                     self._record(job_id, out.results[job_id], running.attempts[job_id])
                 elif not self._terminal(job_id):
-                    self.store.finish(job_id, "failed", {}, error=out.error or "the run returned no result",
+                    # A crash (or a rank with no result) fails the members it did not report, as complete records.
+                    self.store.finish(job_id, JobResult.failed(out.error or "the run returned no result"),
                                       attempt=running.attempts[job_id])
             # type-check: a running job's row exists
             log.info("pack_finished", outcomes={j: self.store.job(j)["state"] for j in running.active},  # type: ignore[index]
@@ -468,19 +480,18 @@ class Coordinator:
                 if self._terminal(job_id):
                     continue  # it ended (and was recorded) before the gang was lost
                 if running.cancel_all or job_id in running.cancelled:
-                    self.store.finish(job_id, "cancelled", {}, error=f"cancelled; {what}")
+                    self.store.finish(job_id, JobResult(Outcome.CANCELLED, error=f"cancelled; {what}"))
                 else:
                     self._retry_or_fail(job_id, f"{what}: {e}")  # whole: Ray's errors say why on later lines
         finally:
             self._end_run(running)
 
-    def _record(self, job_id: str, result: dict, attempt: int) -> None:
+    def _record(self, job_id: str, result: JobResult, attempt: int) -> None:
         """Store one member's result, once (a member that ended early was reported during the run already)."""
         if self._terminal(job_id):
             return
-        resumed = result.get("resumed_from_epoch")
-        self.store.finish(job_id, result["outcome"], result["final"], error=result["error"],
-                          diverged_epoch=result["diverged_epoch"], epochs=result.get("epochs"), attempt=attempt,
+        resumed = result.resumed_from_epoch
+        self.store.finish(job_id, result, attempt=attempt,
                           detail=f"resumed from the checkpoint of epoch {resumed}" if resumed else None)
 
     def _terminal(self, job_id: str) -> bool:
@@ -520,8 +531,7 @@ class Coordinator:
                                   "counted: it had not started training)")
         else:
             self.placement_failures.pop(job_id)
-            self.store.finish(job_id, "failed", {}, error=f"placement failed {failures} times in a row; the last: "
-                              f"{why}")
+            self.store.finish(job_id, JobResult.failed(f"placement failed {failures} times in a row; the last: {why}"))
 
     def _retry_or_fail(self, job_id: str, why: str) -> None:
         """A job lost its gang (or its coordinator): back to the queue, or failed once max_attempts are spent."""
@@ -535,9 +545,9 @@ class Coordinator:
                                   detail=f"attempt {row['attempts']} lost ({why}); re-queued to resume from its "  # type: ignore[index]
                                          "last checkpoint")
         else:
-            self.store.finish(job_id, "failed", {},
-                              # type-check: a job the store holds: its row is never None here
-                              error=f"gave up after {row['attempts']} attempt(s) (max_attempts); the last: {why}")  # type: ignore[index]
+            # type-check: a job the store holds: its row is never None here
+            gave_up = f"gave up after {row['attempts']} attempt(s) (max_attempts); the last: {why}"  # type: ignore[index]
+            self.store.finish(job_id, JobResult.failed(gave_up))
             remove_job(self.checkpoint_dir, job_id)
 
     def _mnist(self):
@@ -588,6 +598,13 @@ class Coordinator:
         options += [f"--plugin-dir {shlex.quote(d)}" for d in self.plugin_dirs]
         return (f"l2cluster daemon stop && l2cluster daemon start {' '.join(options)} (with the other options it "
                 "was started with; add --address for a daemon on an existing Ray cluster)")
+
+
+async def _cluster_resources() -> tuple[Resources, Resources]:
+    """The cluster's total and available resources. Each is a call to Ray's control store that blocks until it
+    answers: made in a worker thread, so the event loop answers other calls meanwhile."""
+    total, available = await asyncio.to_thread(lambda: (ray.cluster_resources(), ray.available_resources()))
+    return Resources.of_ray(total), Resources.of_ray(available)
 
 
 async def _await_ranks(refs: list) -> tuple[list[RankOutcome | None], int]:

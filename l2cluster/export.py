@@ -30,7 +30,8 @@ FORMATS = ("tensorboard", "mlflow", "csv", "parquet", "jsonl")
 # Per job, the metrics the TensorBoard HParams tab and MLflow compare runs by (those a job has; final/… are the
 # job's final metrics, the rest the last epoch's).
 SUMMARY_METRICS = ("val_acc", "val_loss", "final/test_acc", "final/test_loss", "train_acc", "train_loss")
-_MLFLOW_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "cancelled": "KILLED"}
+_MLFLOW_STATUS = {JobState.SUCCEEDED: "FINISHED", JobState.FAILED: "FAILED", JobState.DIVERGED: "FAILED",
+                  JobState.CANCELLED: "KILLED"}
 
 
 class ExportError(InputError, ValueError):
@@ -163,7 +164,7 @@ class TensorBoardExport:
             self.written[jid] = max([self.written[jid]] + [step for _, step, _, _ in per_epoch])
             if JobState(job["state"]).is_terminal and jid not in self.ended:
                 summaries += [_scalar_summary(pb, *x) for x in final]
-                status = pb.api.STATUS_SUCCESS if job["state"] == "succeeded" else pb.api.STATUS_FAILURE
+                status = pb.api.STATUS_SUCCESS if job["state"] == JobState.SUCCEEDED else pb.api.STATUS_FAILURE
                 end = job.get("finished_at") or start
                 summaries.append(_hparams_summary(pb, "session_end_info", pb.plugin_data.SessionEndInfo(
                     status=status, end_time_secs=end), end))
@@ -365,7 +366,7 @@ def write_mlflow(export: dict, dest: str | Path) -> str:
         for i in range(0, len(metrics), 1000):
             client.log_batch(rid, metrics=metrics[i:i + 1000])
         if JobState(job["state"]).is_terminal:
-            client.set_terminated(rid, _MLFLOW_STATUS[job["state"]], end_time=ms(job.get("finished_at")))
+            client.set_terminated(rid, _MLFLOW_STATUS[JobState(job["state"])], end_time=ms(job.get("finished_at")))
     if all(JobState(job["state"]).is_terminal for job in export["jobs"]):
         client.set_terminated(pid, "FINISHED", end_time=ms(max(
             (j.get("finished_at") or 0 for j in export["jobs"]), default=0) or None))

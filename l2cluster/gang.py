@@ -32,26 +32,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from l2cluster.data import Mnist, split_mnist
 from l2cluster.log import configure_logging, get_logger
 from l2cluster.process import prepare_training_process
+from l2cluster.records import RankInfo, RankOutcome
 from l2cluster.scheduler import GangShape  # the shape is the scheduler's (pure); gangs are made of it
 
 # Rank 0 tells the coordinator how far into the epoch its pack is at most this often (one small actor message).
 PROGRESS_EVERY_S = 2.0
-
-
-@dataclass(frozen=True)
-class RankOutcome:
-    """What one rank's run() returns to the coordinator: the pack's per-member results (job id → the runner's
-    result dict), or, when the run crashed outside the trainer's own handling, the error and its traceback."""
-
-    results: dict[str, dict] = field(default_factory=dict)
-    resumed_from_epoch: int | None = None
-    split: bool = False  # the pack split (a member's hook raised) and its members trained again alone
-    error: str | None = None
-    traceback: str | None = None
-
-    @property
-    def crashed(self) -> bool:
-        return self.traceback is not None
 
 
 # type-check: Ray's actor decorators are not typed
@@ -86,7 +71,7 @@ class RankWorker:
         self.rendezvous.listen(128)
         return ip, self.rendezvous.getsockname()[1]
 
-    def setup(self, address: str, port: int, backend: str, mnist: dict) -> dict:
+    def setup(self, address: str, port: int, backend: str, mnist: dict) -> RankInfo:
         # gloo and NCCL listen on the interface the hostname resolves to, unless told otherwise: keep them on
         # the interface that carries this node's Ray address (loopback on an embedded cluster). A user's own
         # GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME wins.
@@ -109,11 +94,11 @@ class RankWorker:
             self.mnist = Mnist(**{k: torch.from_numpy(v) for k, v in mnist.items()})
         return self.info()
 
-    def info(self) -> dict:
+    def info(self) -> RankInfo:
         node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:6]}"
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory if ray.get_gpu_ids() else None
-        return {"pid": os.getpid(), "node": node, "rank": self.rank, "gpu_bytes": gpu_bytes,
-                "process_groups_started": self.process_groups_started, "jobs_run": self.jobs_run}
+        return RankInfo(pid=os.getpid(), node=node, rank=self.rank, gpu_bytes=gpu_bytes,
+                        process_groups_started=self.process_groups_started, jobs_run=self.jobs_run)
 
     def cancel(self, job_id: str | None = None) -> None:
         """Stop the running pack (job_id None) or one member of it before the next step."""
@@ -244,7 +229,7 @@ class Gang:
     busy: bool = False
     job_id: str | None = None
     idle_since: float = field(default_factory=time.time)
-    infos: list[dict] = field(default_factory=list)
+    infos: list[RankInfo] = field(default_factory=list)
 
     @classmethod
     def create(cls, shape: GangShape, *, strategy: str, plugin_dirs: list[str]) -> Gang:
@@ -273,7 +258,7 @@ class Gang:
 
     @property
     def node(self) -> str:
-        return self.infos[0]["node"] if self.infos else ""
+        return self.infos[0].node if self.infos else ""
 
     async def close(self, timeout_s: float = 10.0) -> int:
         """Release an idle gang cleanly: every rank destroys its process group first (within `timeout_s`), then

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -81,21 +81,6 @@ def max_members(config: dict, *, gpu_bytes: int | None, cap: int | None = None) 
     return max(1, min(k, cap) if cap is not None else k)
 
 
-def take_pack(head: T, candidates: Iterable[T], limit: int, key: Callable[[T], Any]) -> list[T]:
-    """The pack that starts with `head`: it and the first candidates (in queue order) with the same key, up to
-    `limit` members. A head whose key is None trains alone."""
-    members = [head]
-    want = key(head)
-    if want is None or limit <= 1:
-        return members
-    for c in candidates:
-        if c is not head and key(c) == want:
-            members.append(c)
-            if len(members) >= limit:
-                break
-    return members
-
-
 def group_into_packs(items: Sequence[T], limit: int | Callable[[T], int], key: Callable[[T], Any]) -> list[list[T]]:
     """All of `items` as packs, in order of their first member: each joins the open pack of its key until that has
     `limit` members (a number, or a function of the pack's first member); a key of None trains alone. What `train`
@@ -116,11 +101,3 @@ def group_into_packs(items: Sequence[T], limit: int | Callable[[T], int], key: C
                 open_packs[k] = (pack, size)
         pack.append(item)
     return packs
-
-
-def pack_id(job_ids: Sequence[str]) -> str:
-    """A pack's id: a one-member pack is its job (checkpoints stay where they always were); a larger one is a
-    digest of its members, in order (hex, so it is a safe directory name like a job id)."""
-    if len(job_ids) == 1:
-        return job_ids[0]
-    return hashlib.sha256("\n".join(job_ids).encode()).hexdigest()[:16]

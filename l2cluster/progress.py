@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from l2cluster.aggregate import settings_text
-from l2cluster.states import TERMINAL_STATES
+from l2cluster.states import TERMINAL_STATES, JobState
 
 _MAX_RUNNING_SHOWN = 8
 _BAR_WIDTH = 20
@@ -78,15 +78,15 @@ class Progress:
             counts[state] = counts.get(state, 0) + 1
             epochs = self.epochs_of.get(j["job"], j["epoch"])
             ran = min(j["epoch"], epochs)
-            if state == "succeeded":
+            if state == JobState.SUCCEEDED:
                 done, total = done + epochs, total + epochs
             elif state in TERMINAL_STATES:  # diverged, failed, cancelled: no more epochs to come
                 done, total = done + ran, total + ran
             else:
                 done, total = done + epochs_done(j, epochs), total + epochs
-            if state in ("placing", "running"):
+            if state in (JobState.PLACING, JobState.RUNNING):
                 live = j.get("live") or {}
-                if state == "placing" and live.get("stage"):
+                if state == JobState.PLACING and live.get("stage"):
                     stages.add(live["stage"])
                 in_epoch = live.get("steps") and live.get("epoch") == ran + 1 and ran < epochs
                 name = self.names.get(j["job"]) or " ".join(
@@ -118,8 +118,8 @@ def format_duration(seconds: float | None) -> str:
 def counts_text(snap: Snapshot) -> str:
     c = snap.counts
     finished = sum(c.get(s, 0) for s in TERMINAL_STATES)
-    parts = [f"{finished}/{snap.num_jobs} done", f"{c.get('running', 0) + c.get('placing', 0)} running",
-             f"{c.get('queued', 0)} queued"]
+    parts = [f"{finished}/{snap.num_jobs} done", f"{c.get(JobState.RUNNING, 0) + c.get(JobState.PLACING, 0)} running",
+             f"{c.get(JobState.QUEUED, 0)} queued"]
     parts += [f"{c[s]} {s}" for s in TERMINAL_STATES if c.get(s)]
     return " · ".join(parts)
 
@@ -144,7 +144,7 @@ def bar(fraction: float, width: int = _BAR_WIDTH) -> str:
 
 
 def running_text(r: dict) -> str:
-    if r["state"] == "placing":
+    if r["state"] == JobState.PLACING:
         where = r.get("stage") if r.get("stage") in _STAGE_MESSAGES else "starting"
     elif r.get("steps"):  # inside an epoch: the one under way, and its step
         where = f"epoch {r['epoch'] + 1}/{r['epochs']} step {r['step']}/{r['steps']}"

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from l2cluster.checkpoint import CheckpointWriteError, JobCheckpoints
 from l2cluster.config import TrainConfig
-from l2cluster.packing import pack_id as make_pack_id
+from l2cluster.ids import pack_id as make_pack_id
 from l2cluster.plugin import HookError
+from l2cluster.records import EpochMetrics, JobResult
+from l2cluster.states import JobState, Outcome
 from l2cluster.trainer import RunResult, Trainer
 
 
@@ -41,23 +42,23 @@ class Member:
 
 @dataclass
 class PackRun:
-    """What running a pack produced: a result dict per member job, and the epoch the pack resumed from."""
+    """What running a pack produced: a result per member job, and the epoch the pack resumed from."""
 
-    results: dict[str, dict] = field(default_factory=dict)
+    results: dict[str, JobResult] = field(default_factory=dict)
     resumed_from_epoch: int = 0
     split: bool = False  # a hook raised in the pack: the members trained again alone
 
 
-def job_result(result: RunResult, trainer: Trainer, k: int, resumed: int) -> dict:
-    """The record of one member's run that the store keeps (`Store.finish`): outcome, final metrics with the
-    sum of its parameters (a cheap fingerprint for equality checks), error and the whole epoch history."""
+def job_result(result: RunResult, trainer: Trainer, k: int, resumed: int) -> JobResult:
+    """The record of one member's run that the store keeps (`Store.finish`): the trainer's result of an ended model,
+    with the sum of its parameters (a cheap fingerprint for equality checks) among its final metrics."""
     final = dict(result.final)
     final["param_sum"] = float(sum(p.detach()[k].double().sum() for p in trainer.params.values()))
     final["cuda_graphs"] = bool(trainer.graphs)
     if trainer.device.type == "cuda" and not trainer.graphs:  # said in `l2cluster logs JOB`
         final["eager_reason"] = _eager_reason(trainer)
-    return {"outcome": result.outcome, "final": final, "error": result.error, "epochs": list(result.epochs),
-            "diverged_epoch": result.diverged_epoch, "resumed_from_epoch": resumed}
+    return JobResult(Outcome(result.outcome), final, error=result.error, diverged_epoch=result.diverged_epoch,
+                     epochs=list(result.epochs), resumed_from_epoch=resumed)
 
 
 def run_pack(
@@ -70,8 +71,8 @@ def run_pack(
     rank: int = 0,
     world: int = 1,
     done: Collection[str] = (),
-    on_epoch: Callable[[str, int, dict], None] | None = None,
-    on_result: Callable[[str, dict], None] | None = None,
+    on_epoch: Callable[[str, int, EpochMetrics], None] | None = None,
+    on_result: Callable[[str, JobResult], None] | None = None,
     cancelled: Callable[[], bool | Collection[str]] | None = None,
     on_progress: Callable[[list[str], int, int, int], None] | None = None,
     on_note: Callable[[list[str], str], None] | None = None,
@@ -115,8 +116,7 @@ def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, do
     except HookError as e:  # a plugin's init_state raised or returned something unusable: nothing trained
         if len(members) > 1:  # which member's settings did it is unknown: each trains (and fails) alone
             return PackRun(split=True)
-        failed: dict[str, Any] = {"outcome": "failed", "final": {}, "error": str(e), "epochs": [],
-                                  "diverged_epoch": None, "resumed_from_epoch": 0}
+        failed = JobResult.failed(str(e))
         if rank == 0 and on_result is not None:
             on_result(ids[0], failed)
         return PackRun(results={ids[0]: failed})
@@ -143,7 +143,7 @@ def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, do
         # Members that ended early (diverged, failed by a plugin's NaN, cancelled) are reported at once: their
         # job is over while the others go on.
         for k, r in enumerate(trainer.results):
-            if r.outcome != "running" and ids[k] not in reported:
+            if r.outcome != JobState.RUNNING and ids[k] not in reported:  # the trainer's "running": not ended
                 reported.add(ids[k])
                 if not r.final:
                     trainer.finalize(k)

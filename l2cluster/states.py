@@ -1,4 +1,4 @@
-"""Job states and the one table of transitions between them."""
+"""Job states, the outcomes a job ends with, and the one table of transitions between states."""
 
 from __future__ import annotations
 
@@ -25,6 +25,22 @@ class JobState(str, Enum):
 
 
 _TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DIVERGED, JobState.CANCELLED})
+
+
+class Outcome(str, Enum):
+    """How a job ended: one of the terminal states, by the same name (the value stored in results.outcome)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DIVERGED = "diverged"
+    CANCELLED = "cancelled"
+
+    @property
+    def state(self) -> JobState:
+        """The terminal state a job with this outcome is in."""
+        return JobState(self.value)
+
+
 # The terminal states' names in display order, for code that compares the strings of rows and records.
 TERMINAL_STATES: tuple[str, ...] = tuple(s.value for s in JobState if s in _TERMINAL)
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from l2cluster.errors import InputError, NotFoundError
 from l2cluster.packing import pack_key
-from l2cluster.states import JobState, check_transition
+from l2cluster.records import JobResult
+from l2cluster.states import JobState, Outcome, check_transition
 
 SCHEMA_VERSION = 4
 
@@ -173,7 +174,7 @@ class Store:
                 if column not in columns:
                     self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
             for job_id, config_json in self._db.execute("SELECT id, config_json FROM jobs WHERE shape_json IS NULL "
-                                                        "AND state = 'queued'").fetchall():
+                                                        "AND state = ?", (JobState.QUEUED.value,)).fetchall():
                 config = json.loads(config_json)
                 self._db.execute("UPDATE jobs SET pack_key = ?, shape_json = ? WHERE id = ?",
                                  (pack_key(config), shape_json(config), job_id))
@@ -310,30 +311,28 @@ class Store:
         row = self._db.execute("SELECT members_json FROM packs WHERE id = ?", (pack_id,)).fetchone()
         return json.loads(row[0]) if row else []
 
-    def finish(self, job_id: str, outcome: str, final: dict, *, error: str | None = None,
-               diverged_epoch: int | None = None, detail: str | None = None, epochs: list[dict] | None = None,
-               attempt: int | None = None) -> None:
-        """Record a job's final result and move it to its terminal state, in one transaction: a result is never
-        recorded twice, and a job is never terminal without its result. `epochs`, the run's whole per-epoch
-        history, replaces what was reported along the way (a report can be lost with a coordinator)."""
-        state = JobState(outcome)
-        if not state.is_terminal:
-            raise ValueError(f"finish() needs a terminal outcome, got {outcome!r}")
+    def finish(self, job_id: str, result: JobResult, *, detail: str | None = None, attempt: int | None = None) -> None:
+        """Record a job's final result and move it to the terminal state of its outcome, in one transaction: a result
+        is never recorded twice, and a job is never terminal without its result. The result's epochs, the run's
+        whole per-epoch history, replace what was reported along the way (a report can be lost with a coordinator)
+        under `attempt`."""
+        state = Outcome(result.outcome).state
         with self._tx() as db:
             if db.execute("SELECT 1 FROM results WHERE job_id = ?", (job_id,)).fetchone():
                 raise ValueError(f"job {job_id}: a result is already recorded")
             db.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?)",
-                       (job_id, state.value, json.dumps(final, sort_keys=True), diverged_epoch, error))
-            for m in epochs or []:
+                       (job_id, state.value, json.dumps(result.final, sort_keys=True), result.diverged_epoch,
+                        result.error))
+            for m in result.epochs:
                 db.execute("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?)",
                            (job_id, m["epoch"], attempt or 0, json.dumps(m, sort_keys=True)))
-            self._transition(db, job_id, state, error or detail, {"error": error})
+            self._transition(db, job_id, state, result.error or detail, {"error": result.error})
 
     # -- reads ----------------------------------------------------------------------------------------------
     def queued(self, limit: int | None = None) -> list[sqlite3.Row]:
         """Queued jobs in the order they should start: higher priority first, then submission order."""
-        sql = "SELECT * FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq"
-        return self._db.execute(sql + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
+        sql = "SELECT * FROM jobs WHERE state = ? ORDER BY priority DESC, seq"
+        return self._db.execute(sql + (f" LIMIT {int(limit)}" if limit else ""), (JobState.QUEUED.value,)).fetchall()
 
     def job(self, job_id: str) -> sqlite3.Row | None:
         return self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -404,7 +403,8 @@ class Store:
             "SELECT events.job_id, events.detail FROM experiment_jobs JOIN jobs ON jobs.id = experiment_jobs.job_id "
             "JOIN events ON events.job_id = jobs.id AND events.attempt = jobs.attempts "
             "AND events.old_state = events.new_state WHERE experiment_jobs.experiment_id = ? "
-            "AND jobs.state NOT IN ('queued', 'placing') ORDER BY events.rowid", (experiment_id,)).fetchall()
+            "AND jobs.state NOT IN (?, ?) ORDER BY events.rowid",
+            (experiment_id, JobState.QUEUED.value, JobState.PLACING.value)).fetchall()
         return {job_id: detail for job_id, detail in rows}
 
     def events(self, job_id: str) -> list[sqlite3.Row]:

@@ -1,22 +1,21 @@
 """Sweep expansion: an ExperimentSpec into its jobs — (union of variants) × (product of grids) × seeds — each
-validated, with a stable id: a hash of the experiment's name, the job's resolved config (seed included) and the
-code versions of the plugins it uses, so resubmitting the same spec with the same plugin code gives the same ids.
+validated, with a stable id (l2cluster.ids: a hash of the experiment's name, the job's resolved config, seed
+included, and the code versions of the plugins it uses), so resubmitting the same spec with the same plugin code
+gives the same ids.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
-import json
 import math
 import reprlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from l2cluster import ids
 from l2cluster.config import TrainConfig, Variant, spec_models
 from l2cluster.errors import InputError
 from l2cluster.limits import DEFAULT_MAX_JOBS
@@ -25,9 +24,6 @@ from l2cluster.spec_errors import Issue, SpecError, issues_from, plugin_problems
 
 if TYPE_CHECKING:
     from l2cluster.registry import Registry  # only a type here: reading a spec loads no plugin code
-
-# Settings of how the daemon runs a job, not of what it computes: changing them keeps the job's identity.
-NOT_IN_JOB_ID: dict[str, Any] = {"max_attempts": True, "scaling": {"pack"}}
 
 
 @dataclass(frozen=True)
@@ -46,52 +42,12 @@ class Job:
     @property
     def group(self) -> str:
         """Hash of the config and plugin versions without the seed: the jobs that differ only by seed share it."""
-        cfg = identity(self.config)
-        cfg.pop("seed")
-        return job_digest(self.experiment, cfg, self.plugins)
-
-
-# Fields added after job ids were first handed out, with the value every earlier job had: left out of a job's
-# identity while they keep that value, so the jobs of an existing store keep their ids (and stored results).
-_ADDED_LATER = {("model", "tf32"): False}
-
-
-def identity(config: TrainConfig) -> dict:
-    """What a job's id hashes (with its experiment's name): the resolved config without how it is run."""
-    cfg = config.model_dump(mode="json", exclude=NOT_IN_JOB_ID)
-    for (section, name), default in _ADDED_LATER.items():
-        if cfg.get(section, {}).get(name) == default:
-            del cfg[section][name]
-    return cfg
+        return ids.group_key(self.experiment, self.config, self.plugins)
 
 
 def plugin_versions(config: TrainConfig, registry: Registry) -> dict[str, str]:
     """The code version of each plugin a resolved config uses."""
     return {r.name: registry.get(r.name).version for r in config.regularizers}
-
-
-def job_digest(experiment: str, cfg: dict, plugins: dict[str, str]) -> str:
-    """A job's id (or, without the seed in `cfg`, its group): the experiment's name, the job's identity and the
-    versions of its plugins' code, so that changed plugin code never reuses a stored result. A job without
-    plugins hashes what it did before versions were part of ids, and keeps its id."""
-    obj: dict[str, Any] = {"experiment": experiment, "config": cfg}
-    if plugins:
-        obj["plugins"] = plugins
-    return _digest(obj)
-
-
-def experiment_id(spec, jobs: Sequence[Job]) -> str:
-    """`<name>-<8 hex>`: the spec as validated and the plugin versions its jobs use. Resubmitting the same spec
-    with the same plugin code names the same experiment; changed plugin code (new job ids) a new one."""
-    obj: Any = spec.model_dump(mode="json")
-    plugins = {name: v for job in jobs for name, v in job.plugins.items()}
-    if plugins:
-        obj = {"spec": obj, "plugins": plugins}
-    return f"{spec.name}-{hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]}"
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 class PathError(InputError, ValueError):
@@ -197,7 +153,7 @@ def expand(spec, registry: Registry, *, max_jobs: int = DEFAULT_MAX_JOBS) -> lis
                     raise SpecError(spec.name, [Issue(i.path, f"{i.message} (in {where} with {setting})")
                                                 for i in issues])
                 plugins = plugin_versions(config, registry)
-                job_id = job_digest(spec.name, identity(config), plugins)
+                job_id = ids.job_id(spec.name, ids.identity(config), plugins)
                 if job_id in seen:
                     continue  # two grid points that resolve to the same config run once
                 seen.add(job_id)

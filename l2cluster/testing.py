@@ -28,6 +28,7 @@ import torch
 from l2cluster.data import Splits
 from l2cluster.errors import L2ClusterError
 from l2cluster.plugin import Regularizer
+from l2cluster.states import Outcome
 
 _TOL = 1e-7  # relative: float64 numbers that differ only by summation order
 
@@ -87,7 +88,7 @@ def check_plugin(cls: type[Regularizer], settings: Sequence[Mapping] | None = No
         (report.passed.append(name) if ok else failures.append(f"{name}: {why}"))
 
     stacked, results = _train(configs, registry)
-    bad = [f"model {k}: {r.outcome} ({r.error})" for k, r in enumerate(results) if r.outcome != "succeeded"]
+    bad = [f"model {k}: {r.outcome} ({r.error})" for k, r in enumerate(results) if r.outcome != Outcome.SUCCEEDED]
     if bad:  # nothing else is meaningful
         raise PluginCheckError(f"plugin {cls.name!r}: contract: training failed: " + "; ".join(bad))
     report.passed.append("contract")

@@ -25,8 +25,10 @@ from l2cluster.aggregate import (
     t_quantile,
     welch,
 )
+from l2cluster.records import JobResult
 from l2cluster.report import render
 from l2cluster.spec import expand, parse_spec
+from l2cluster.states import JobState, Outcome
 from l2cluster.store import Store, StoreError
 
 
@@ -166,13 +168,13 @@ def _fill(store: Store, jobs, test_shift: float = 0.0) -> None:
         key = (job.label, job.overrides.get("regularizers.l2.strength"))
         out = {k: v[job.seed] for k, v in OUTCOMES[key].items()}
         out["test"] = None if out["test"] is None else out["test"] + test_shift
-        store.transition(job.id, "placing")
-        store.transition(job.id, "running")
+        store.transition(job.id, JobState.PLACING)
+        store.transition(job.id, JobState.RUNNING)
         if out["val"] is None:
             store.record_epoch(job.id, 1, {"epoch": 1, "val_acc": 0.5, "val_loss": 2.0, "train_loss": 2.5})
             store.record_epoch(job.id, 2, {"epoch": 2, "val_acc": 0.1, "val_loss": float("nan"), "train_loss": 9.0})
-            store.finish(job.id, "diverged", {"test_acc": None, "val_acc": 0.1}, diverged_epoch=2,
-                         error="loss became non-finite in epoch 2")
+            store.finish(job.id, JobResult(Outcome.DIVERGED, {"test_acc": None, "val_acc": 0.1}, diverged_epoch=2,
+                                           error="loss became non-finite in epoch 2"))
             continue
         # Validation peaks in epoch 2 (0.005 above the final value); losses fall by a known amount per epoch.
         for epoch, dv in ((1, -0.01), (2, 0.005), (3, 0.0)):
@@ -181,7 +183,7 @@ def _fill(store: Store, jobs, test_shift: float = 0.0) -> None:
         final = {"val_acc": out["val"], "val_loss": 0.4 + 0.01 * job.seed, "test_acc": out["test"],
                  "test_loss": 1 - out["test"], "train_acc": out["train"], "train_loss": 0.3,
                  "weight_norm": 10.0 + job.seed, "best_val_acc": None, "best_epoch": None, "epochs_run": 3}
-        store.finish(job.id, "succeeded", final)
+        store.finish(job.id, JobResult(Outcome.SUCCEEDED, final))
 
 
 @pytest.fixture

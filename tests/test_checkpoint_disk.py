@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ import torch.multiprocessing as mp
 from support import config, local_daemon, registry, synthetic_splits, wait_for
 
 from l2cluster.checkpoint import CheckpointWriteError, JobCheckpoints
-from l2cluster.packing import pack_id
+from l2cluster.ids import pack_id
+from l2cluster.records import JobResult
 from l2cluster.runner import Member, _resume, run_pack
 
 JOB = "0123456789abcdef"
@@ -98,9 +100,9 @@ def fill(directory: Path) -> Path:
 TIMINGS = {"train_s", "epoch_s"}
 
 
-def comparable(result: dict) -> dict:
-    return {**result, "final": {k: v for k, v in result["final"].items() if k not in TIMINGS},
-            "epochs": [{k: v for k, v in e.items() if k not in TIMINGS} for e in result["epochs"]]}
+def comparable(result: JobResult) -> JobResult:
+    return replace(result, final={k: v for k, v in result.final.items() if k not in TIMINGS},
+                   epochs=[{k: v for k, v in e.items() if k not in TIMINGS} for e in result.epochs])
 
 
 def test_a_pack_trains_on_through_a_full_disk_says_so_and_says_when_it_writes_again(tmp_path):
@@ -176,7 +178,7 @@ def _rank_main(rank: int, world: int, out: str) -> None:
         resumed = [_resume(_Loads(), _Offered(epochs), torch.device("cpu"), world) for epochs in offers]
         Path(out, f"rank{rank}.json").write_text(json.dumps({
             "seen": seen, "notes": notes, "resumed": resumed,
-            "final": {k: v for k, v in run.results[member.job_id]["final"].items() if k != "train_s"}}))
+            "final": {k: v for k, v in run.results[member.job_id].final.items() if k != "train_s"}}))
     finally:
         dist.destroy_process_group()
     os._exit(0)  # as in test_ddp: no interpreter teardown racing gloo's threads

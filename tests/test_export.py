@@ -59,8 +59,7 @@ def stored(tmp_path_factory, tiny_mnist_dir):
         run = run_pack([Member(job.id, job.config)], splits, reg, device=torch.device("cpu"),
                        on_epoch=lambda job_id, epoch, m: store.record_epoch(job_id, epoch, m))
         r = run.results[job.id]
-        store.finish(job.id, r["outcome"], r["final"], error=r["error"], diverged_epoch=r["diverged_epoch"],
-                     epochs=r["epochs"])
+        store.finish(job.id, r)
     export = export_experiment(store, exp)
     store.close()
     return {"exp": exp, "store": str(tmp / "store.db"), "export": export, "tmp": tmp}
@@ -363,7 +362,7 @@ def test_follow_writes_tensorboard_runs_while_the_jobs_train(tmp_path, tiny_mnis
             store.transition(job.id, "running")
             r = run_pack([Member(job.id, job.config)], splits, reg, device=torch.device("cpu"),
                          on_epoch=on_epoch).results[job.id]
-            store.finish(job.id, r["outcome"], r["final"], error=r["error"], epochs=r["epochs"])
+            store.finish(job.id, r)
         follower.join(timeout=30)
         assert not follower.is_alive() and codes == [0]
         export = export_experiment(store, exp)

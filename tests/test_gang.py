@@ -40,7 +40,7 @@ def test_closing_an_idle_gang_destroys_every_ranks_process_group(local_ray):
         return infos, await gang.close()
 
     infos, destroyed = asyncio.run(form_then_close())
-    assert [i["process_groups_started"] for i in infos] == [1, 1]
+    assert [i.process_groups_started for i in infos] == [1, 1]
     assert destroyed == 2
     for w in gang.workers:  # and then the ranks are gone
         with pytest.raises(RayActorError):

@@ -23,8 +23,9 @@ PACKAGE = ROOT / "l2cluster"
 
 CORE = ["model", "trainer", "hooks", "nonfinite", "graphs", "skipping",
         "runner", "checkpoint", "data", "plugin", "testing", "registry", "packing", "states",
-        "process", "config", "spec_errors", "loading", "sweep", "spec"]
-RESULTS = ["store", "aggregate", "report", "export", "progress", "states", "packing", "limits", "log", "scheduler"]
+        "process", "config", "spec_errors", "loading", "sweep", "spec", "ids", "records"]
+RESULTS = ["store", "aggregate", "report", "export", "progress", "states", "packing", "limits", "log", "scheduler",
+           "ids", "records"]
 
 
 def imports_of(path: Path) -> set[str]:

@@ -13,19 +13,20 @@ import torch.multiprocessing as mp
 from pydantic import BaseModel, ConfigDict
 from support import InfPenalty, NanPenalty, config, params_of, registry, synthetic_splits
 
+from l2cluster.ids import pack_id
 from l2cluster.packing import (
     CPU_DEFAULT_MAX_PACK,
     GPU_DEFAULT_MAX_PACK,
     group_into_packs,
     max_members,
     member_bytes,
-    pack_id,
     pack_key,
-    take_pack,
 )
 from l2cluster.plugin import Regularizer
+from l2cluster.records import JobResult
 from l2cluster.registry import Registry, load_builtins
 from l2cluster.runner import Member, run_pack
+from l2cluster.states import Outcome
 from l2cluster.trainer import Trainer
 
 # 330 examples at batch 32: 11 steps an epoch (the last one short), 3 epochs.
@@ -55,11 +56,11 @@ def splits():
     return synthetic_splits(n_train=330)
 
 
-def comparable(result: dict) -> dict:
+def comparable(result: JobResult) -> dict:
     """A job result without its wall-clock timings."""
-    final = {k: v for k, v in result["final"].items() if k not in TIMINGS}
-    epochs = [{k: v for k, v in e.items() if k not in TIMINGS} for e in result["epochs"]]
-    return {"outcome": result["outcome"], "final": final, "epochs": epochs, "error": result["error"]}
+    final = {k: v for k, v in result.final.items() if k not in TIMINGS}
+    epochs = [{k: v for k, v in e.items() if k not in TIMINGS} for e in result.epochs]
+    return {"outcome": result.outcome, "final": final, "epochs": epochs, "error": result.error}
 
 
 def assert_same_run(a: dict, b: dict, rel=1e-9) -> None:
@@ -100,8 +101,6 @@ def test_packs_take_same_key_jobs_in_queue_order_up_to_the_limit():
     key = lambda j: None if j == "x" else j[0]  # noqa: E731
     assert group_into_packs(jobs, 3, key) == [["a1", "a2", "a3"], ["b1", "b2"], ["x"], ["a4"]]
     assert group_into_packs(jobs, 1, key) == [[j] for j in jobs]
-    assert take_pack("a1", jobs, 2, key) == ["a1", "a2"]
-    assert take_pack("x", jobs, 5, key) == ["x"]
     assert pack_id(["0" * 16]) == "0" * 16 and len(pack_id(["0" * 16, "1" * 16])) == 16
 
 
@@ -124,7 +123,7 @@ def test_a_pack_trains_each_member_exactly_as_alone():
     assert set(packed.results) == {m.job_id for m in pack} and not packed.split
     for m in pack:
         assert_same_run(packed.results[m.job_id], solo(m))
-        assert packed.results[m.job_id]["outcome"] == "succeeded"
+        assert packed.results[m.job_id].outcome is Outcome.SUCCEEDED
     # and the parameters themselves: member k's slice of the stack equals the solo model
     stacked = Trainer([m.config for m in pack], splits(), registry(), device="cpu")
     stacked.fit()
@@ -134,7 +133,7 @@ def test_a_pack_trains_each_member_exactly_as_alone():
         for name, p in params_of(alone, 0).items():
             assert torch.allclose(params_of(stacked, k)[name], p, rtol=1e-9, atol=1e-12), (k, name)
     # a control: members really differ (a test comparing equal runs would pass for the wrong reason)
-    sums = [packed.results[m.job_id]["final"]["param_sum"] for m in pack]
+    sums = [packed.results[m.job_id].final["param_sum"] for m in pack]
     assert len(set(sums)) == 3
 
 
@@ -203,14 +202,14 @@ def test_a_member_that_diverges_or_whose_plugin_fails_ends_alone(plugin, field, 
     run = run_pack(pack, splits(), reg, device=torch.device("cpu"), on_result=lambda j, r: reported.append(j))
     assert run.split == (plugin == "raises")
     bad_job = pack[1].job_id
-    assert run.results[bad_job]["outcome"] == outcome
-    assert run.results[bad_job]["error"].startswith(error)
+    assert run.results[bad_job].outcome == outcome
+    assert run.results[bad_job].error.startswith(error)
     if plugin != "raises":
         assert reported[0] == bad_job  # reported as soon as it ended, while the others trained on
-        assert len(run.results[bad_job]["epochs"]) == 2
+        assert len(run.results[bad_job].epochs) == 2
     for k in (0, 2):
         good = run.results[pack[k].job_id]
-        assert good["outcome"] == "succeeded"
+        assert good.outcome is Outcome.SUCCEEDED
         assert_same_run(good, solo(pack[k], reg))
 
 
@@ -223,12 +222,12 @@ def test_cancelling_one_member_stops_only_that_member():
         return {pack[1].job_id} if len(steps) > 15 else set()
 
     run = run_pack(pack, splits(), registry(), device=torch.device("cpu"), cancelled=cancelled)
-    assert run.results[pack[1].job_id]["outcome"] == "cancelled"
-    assert len(run.results[pack[1].job_id]["epochs"]) == 1  # 11 steps an epoch: stopped in epoch 2
+    assert run.results[pack[1].job_id].outcome is Outcome.CANCELLED
+    assert len(run.results[pack[1].job_id].epochs) == 1  # 11 steps an epoch: stopped in epoch 2
     for k in (0, 2):
         assert_same_run(run.results[pack[k].job_id], solo(pack[k]))
     everything = run_pack(pack, splits(), registry(), device=torch.device("cpu"), cancelled=lambda: True)
-    assert {r["outcome"] for r in everything.results.values()} == {"cancelled"}
+    assert {r.outcome for r in everything.results.values()} == {Outcome.CANCELLED}
 
 
 def test_members_already_ended_ride_along_without_results():
@@ -262,11 +261,12 @@ def _rank_main(rank: int, world: int, out: str) -> None:
 
 def test_a_two_rank_pack_equals_two_rank_solo_runs_and_the_single_process_pack(tmp_path):
     mp.spawn(_rank_main, args=(2, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    # weights_only=False: the files hold JobResults, written by this test's own ranks
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
     single = run_pack(members(settings=NO_DROPOUT), splits(), registry(), device=torch.device("cpu")).results
     for got in ranks:
         for m in members():
-            assert got["pack"][m.job_id]["outcome"] == "succeeded"
+            assert got["pack"][m.job_id].outcome is Outcome.SUCCEEDED
             assert_same_run(got["pack"][m.job_id], got["solo"][m.job_id])
             # Without dropout (each rank draws its own masks) two ranks compute the single process's global batch.
             assert_same_run(got["no_dropout"][m.job_id], single[m.job_id], rel=1e-8)

@@ -14,9 +14,10 @@ from support import registry
 
 import l2cluster
 from l2cluster.cli import _error_cell, main
+from l2cluster.records import JobResult
 from l2cluster.registry import PluginChangedError, check_unchanged, current_version, load_registry
 from l2cluster.spec import expand, experiment_id, identity, parse_spec
-from l2cluster.states import JobState
+from l2cluster.states import JobState, Outcome
 from l2cluster.store import SCHEMA_VERSION, Store, job_dict
 
 SHRINK = '''
@@ -160,7 +161,7 @@ def _run_to_the_end(store, job_id, final, epochs):
     store.transition(job_id, JobState.RUNNING)
     for m in epochs:
         store.record_epoch(job_id, m["epoch"], m)
-    store.finish(job_id, "succeeded", final, epochs=epochs, attempt=store.job(job_id)["attempts"])
+    store.finish(job_id, JobResult(Outcome.SUCCEEDED, final, epochs=epochs), attempt=store.job(job_id)["attempts"])
 
 
 def test_rerun_queues_an_ended_job_again_and_its_new_results_replace_the_old(tmp_path):

@@ -28,6 +28,7 @@ from l2cluster.progress import (
     summary_line,
 )
 from l2cluster.spec import expand, parse_spec
+from l2cluster.states import Outcome
 from l2cluster.store import Store
 
 
@@ -185,7 +186,7 @@ def test_the_runner_reports_every_step_of_every_epoch_on_rank_0_only():
     calls = []
     run = run_pack(members, synthetic_splits(n_train=320), registry(), device=torch.device("cpu"),
                    on_progress=lambda *args: calls.append(args))
-    assert sorted(r["outcome"] for r in run.results.values()) == ["succeeded", "succeeded"]
+    assert [r.outcome for r in run.results.values()] == [Outcome.SUCCEEDED, Outcome.SUCCEEDED]
     # 320 images in batches of 100: 4 steps per epoch (the last one of 20 images).
     ids = ["a" * 16, "b" * 16]
     assert calls == [(ids, epoch, step, 4) for epoch in (1, 2) for step in (1, 2, 3, 4)]

@@ -11,8 +11,9 @@ import pytest
 from support import registry
 
 from l2cluster.packing import pack_key
+from l2cluster.records import JobResult
 from l2cluster.spec import expand, parse_spec
-from l2cluster.states import TRANSITIONS, InvalidTransition, JobState, check_transition
+from l2cluster.states import TRANSITIONS, InvalidTransition, JobState, Outcome, check_transition
 from l2cluster.store import SCHEMA_VERSION, Store, StoreError, shape_json
 
 SPEC = {"name": "s", "optimizer": {"name": "adam"}, "epochs": 1,
@@ -50,9 +51,9 @@ def test_jobs_flow_through_states_and_everything_survives_reopening(tmp_path):
     store.transition(first, "placing")
     store.transition(first, "running")
     store.record_epoch(first, 1, {"epoch": 1, "val_acc": 0.6})  # the retry overwrites its epoch
-    store.finish(first, "succeeded", {"test_acc": 0.9})
+    store.finish(first, JobResult(Outcome.SUCCEEDED, {"test_acc": 0.9}))
     with pytest.raises(ValueError, match="already recorded"):
-        store.finish(first, "succeeded", {"test_acc": 0.9})
+        store.finish(first, JobResult(Outcome.SUCCEEDED, {"test_acc": 0.9}))
     with pytest.raises(InvalidTransition):
         store.transition(jobs[1].id, "running")
     store.close()
@@ -115,7 +116,7 @@ def test_finish_is_atomic(tmp_path):
     jobs = _jobs()
     store.add_experiment("s-1", "s", SPEC, jobs)
     with pytest.raises(InvalidTransition):  # queued → succeeded is not allowed: the result must not stay behind
-        store.finish(jobs[0].id, "succeeded", {"test_acc": 0.9})
+        store.finish(jobs[0].id, JobResult(Outcome.SUCCEEDED, {"test_acc": 0.9}))
     assert store.result(jobs[0].id) is None and store.job(jobs[0].id)["state"] == "queued"
 
 
@@ -127,7 +128,7 @@ def test_a_job_shared_by_two_submissions_runs_once_and_shows_in_both(tmp_path):
     assert store.add_experiment("s-1", "s", {}, first) == 1
     store.transition(first[0].id, JobState.PLACING)
     store.transition(first[0].id, JobState.RUNNING)
-    store.finish(first[0].id, "succeeded", {"test_acc": 0.5})
+    store.finish(first[0].id, JobResult(Outcome.SUCCEEDED, {"test_acc": 0.5}))
     assert store.add_experiment("s-2", "s", {}, second) == 1  # only seed 1 is new
     assert [j["id"] for j in store.jobs("s-1")] == [first[0].id]
     assert [j["id"] for j in store.jobs("s-2")] == [j.id for j in second]
@@ -176,5 +177,5 @@ def test_the_final_result_carries_the_whole_epoch_history(tmp_path):
     store.transition(job.id, JobState.RUNNING)
     store.record_epoch(job.id, 2, {"epoch": 2, "val_acc": 0.5})  # epoch 1's report never arrived
     history = [{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.5}, {"epoch": 3, "val_acc": 0.6}]
-    store.finish(job.id, "succeeded", {"val_acc": 0.6}, epochs=history, attempt=2)
+    store.finish(job.id, JobResult(Outcome.SUCCEEDED, {"val_acc": 0.6}, epochs=history), attempt=2)
     assert store.epochs(job.id) == history
