@@ -28,7 +28,7 @@ from l2cluster.config import TrainConfig
 from l2cluster.ids import pack_id as make_pack_id
 from l2cluster.plugin import HookError
 from l2cluster.records import EpochMetrics, JobResult
-from l2cluster.states import JobState, Outcome
+from l2cluster.states import Outcome
 from l2cluster.trainer import RunResult, Trainer
 
 
@@ -143,7 +143,7 @@ def _train(members, splits, registry, *, device, checkpoint_dir, rank, world, do
         # Members that ended early (diverged, failed by a plugin's NaN, cancelled) are reported at once: their
         # job is over while the others go on.
         for k, r in enumerate(trainer.results):
-            if r.outcome != JobState.RUNNING and ids[k] not in reported:  # the trainer's "running": not ended
+            if r.outcome is not None and ids[k] not in reported:  # None: still training
                 reported.add(ids[k])
                 if not r.final:
                     trainer.finalize(k)

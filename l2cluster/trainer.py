@@ -34,6 +34,7 @@ from l2cluster.nonfinite import blame, snapshot
 from l2cluster.packing import stack_key
 from l2cluster.plugin import HookError, StackedRNG, TrainContext, per_model_norm
 from l2cluster.registry import Registry
+from l2cluster.states import Outcome
 
 _EVAL_ROWS = 65536  # examples × models per evaluation chunk: bounds the activations' memory at any K
 _NONFINITE_CHECK_EVERY = 50  # steps between divergence checks in one process (each check is a device sync)
@@ -43,14 +44,20 @@ _NONFINITE_CHECK_EVERY = 50  # steps between divergence checks in one process (e
 class RunResult:
     """What one job's training produced: per-epoch metrics and the final numbers."""
 
-    outcome: str  # "succeeded" | "diverged" | "failed"
+    outcome: Outcome | None = None  # None while the model trains
     epochs: list[dict] = field(default_factory=list)
     final: dict = field(default_factory=dict)
     diverged_epoch: int | None = None
     error: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain data (the outcome as its string), as checkpoints hold it: torch.load(weights_only=True) reads it."""
+        return {**asdict(self), "outcome": self.outcome.value if self.outcome is not None else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunResult:
+        outcome = d["outcome"]  # "running" in checkpoints written before None meant it
+        return cls(**{**d, "outcome": Outcome(outcome) if outcome not in (None, "running") else None})
 
 
 def derive_seed(seed: int, purpose: str, rank: int = 0) -> int:
@@ -121,7 +128,7 @@ class Trainer:
         self.train_s = 0.0
         self.alive = torch.ones(K, dtype=torch.bool)
         self.best: list[tuple[float, int]] = [(-1.0, 0)] * K
-        self.results = [RunResult("running") for _ in range(K)]
+        self.results = [RunResult() for _ in range(K)]
 
         self.hooks = Hooks(configs, registry, self.ctx, self.params, self.rng, self.shared_rng,
                            step=lambda: self.step_count, num_layers=self.model.num_hidden)
@@ -189,12 +196,12 @@ class Trainer:
         except HookError as e:
             self.hook_error = e
             for r in results:
-                if r.outcome == "running":
-                    r.outcome, r.error = "failed", str(e)
+                if r.outcome is None:
+                    r.outcome, r.error = Outcome.FAILED, str(e)
             return results
         for r in results:
-            if r.outcome == "running":
-                r.outcome = "cancelled" if cancelled else "succeeded"
+            if r.outcome is None:
+                r.outcome = Outcome.CANCELLED if cancelled else Outcome.SUCCEEDED
         return results
 
     def _fit(self, on_epoch, should_stop, on_step) -> bool:
@@ -298,10 +305,10 @@ class Trainer:
             results[k].epochs.append(m)
             if k in blamed:  # a plugin made the numbers non-finite: its error, not a divergence
                 alive[k] = False
-                results[k].outcome, results[k].error = "failed", blamed[k]
+                results[k].outcome, results[k].error = Outcome.FAILED, blamed[k]
             elif k in nonfinite:
                 alive[k] = False
-                results[k].outcome, results[k].diverged_epoch = "diverged", epoch
+                results[k].outcome, results[k].diverged_epoch = Outcome.DIVERGED, epoch
                 results[k].error = f"loss became non-finite in epoch {epoch}"
             elif m["val_acc"] > self.best[k][0]:
                 self.best[k] = (m["val_acc"], epoch)
@@ -323,7 +330,7 @@ class Trainer:
         for k in models:
             if self.alive[k]:
                 self.alive[k] = False
-                self.results[k].outcome = "cancelled"
+                self.results[k].outcome = Outcome.CANCELLED
                 self.finalize(k)
         return bool(self.alive.any())
 
@@ -491,7 +498,7 @@ class Trainer:
         self.epochs_done, self.step_count, self.train_s = state["epochs_done"], state["step_count"], state["train_s"]
         self.alive = state["alive"].clone()
         self.best = [tuple(b) for b in state["best"]]
-        self.results = [RunResult(**r) for r in state["results"]]
+        self.results = [RunResult.from_dict(r) for r in state["results"]]
 
     # -- measurements ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -177,7 +177,7 @@ def _rank_main(rank: int, world: int, out: str) -> None:
         reg.register(RankNan, "test")
         cfg = config(reg, regularizers=[{"name": "rank_nan", "at_step": 0}], **SMALL)
         (r,) = Trainer([cfg], synthetic_splits(), reg, device="cpu").fit()
-        torch.save({"outcome": r.outcome, "error": r.error}, os.path.join(out, f"rank{rank}.pt"))
+        torch.save({"outcome": r.to_dict()["outcome"], "error": r.error}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
     os._exit(0)  # as in test_ddp.py: skip gloo's racy interpreter teardown
