@@ -40,8 +40,8 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.exceptions import RayActorError, RayError
 
-from l2cluster.daemon import NAMESPACE, start_coordinator
-from l2cluster.store import Store
+from l2cluster.cluster.daemon import NAMESPACE, start_coordinator
+from l2cluster.results.store import Store
 
 TERMINAL = {"succeeded", "failed", "diverged", "cancelled"}
 TIMINGS = {"train_s", "epoch_s"}

@@ -32,8 +32,8 @@ def small_store(folder: Path) -> tuple[str, str, str]:
     from support import registry
     from test_aggregate import SPEC, _fill
 
+    from l2cluster.results.store import Store
     from l2cluster.spec import expand, parse_spec
-    from l2cluster.store import Store
 
     store = Store(folder / "store.db")
     jobs = expand(parse_spec(SPEC, registry()), registry())

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import ray
 
-from l2cluster.daemon import start_coordinator, start_local_ray
-from l2cluster.store import Store
+from l2cluster.cluster.daemon import start_coordinator, start_local_ray
+from l2cluster.results.store import Store
 
 TINY = {"model": {"hidden_sizes": [8]}, "data": {"batch_size": 100, "val_size": 100, "train_size": 200},
         "optimizer": {"name": "adam", "lr": 0.01}, "epochs": 1,

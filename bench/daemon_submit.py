@@ -18,7 +18,7 @@ import time
 
 import ray
 
-from l2cluster import daemon
+from l2cluster.cluster import daemon
 from l2cluster.spec import read_spec_file
 
 TERMINAL = ("succeeded", "failed", "diverged", "cancelled")

@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     try:
         import ray
 
-        from l2cluster import daemon
+        from l2cluster.cluster import daemon
 
         t0 = time.time()
         if own_home:
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
         if own_home:
             import ray
 
-            from l2cluster import daemon
+            from l2cluster.cluster import daemon
 
             ray.shutdown()  # leave the cluster while it is up: a driver whose cluster is gone hangs at exit
             # What `l2cluster daemon stop` does, without starting another Python (and torch) to do it.

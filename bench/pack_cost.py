@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2cluster import model
-from l2cluster.data import load_mnist, split_mnist
-from l2cluster.process import keep_freed_memory
 from l2cluster.registry import load_registry
 from l2cluster.spec import expand, parse_spec, read_spec_file
-from l2cluster.trainer import Trainer
+from l2cluster.training import model
+from l2cluster.training.data import load_mnist, split_mnist
+from l2cluster.training.process import keep_freed_memory
+from l2cluster.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_TRAIN, FULL_VAL, REFERENCE_EPOCHS = 55_000, 5_000, 10

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from l2cluster.data import MNIST_FILES, find_mnist, load_mnist, split_mnist
-from l2cluster.process import keep_freed_memory
 from l2cluster.registry import load_registry
 from l2cluster.spec import expand, parse_spec, read_spec_file
-from l2cluster.trainer import Trainer
+from l2cluster.training.data import MNIST_FILES, find_mnist, load_mnist, split_mnist
+from l2cluster.training.process import keep_freed_memory
+from l2cluster.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -53,9 +53,9 @@ def write_example_store(path: Path) -> list[str]:
     better); returns their ids."""
     from l2cluster.records import JobResult
     from l2cluster.registry import load_registry
+    from l2cluster.results.store import Store
     from l2cluster.spec import expand, parse_spec
     from l2cluster.states import JobState, Outcome
-    from l2cluster.store import Store
 
     registry = load_registry(use_entry_points=False)
     second = {**EXAMPLE_SPEC, "name": "report-example-b",
@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no chromium on PATH: apt-get install -y chromium", file=sys.stderr)
         return 2
 
-    from l2cluster.aggregate import export_experiment
-    from l2cluster.report import write_report
-    from l2cluster.store import Store
+    from l2cluster.results.aggregate import export_experiment
+    from l2cluster.results.report import write_report
+    from l2cluster.results.store import Store
 
     store = Store.open_read_only(store_path)
     try:

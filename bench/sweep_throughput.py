@@ -39,8 +39,8 @@ import torch
 import yaml
 from torch import nn
 
-from l2cluster.data import load_mnist, split_mnist
-from l2cluster.store import Store
+from l2cluster.results.store import Store
+from l2cluster.training.data import load_mnist, split_mnist
 
 # The 5,000 validation images and their seed are l2cluster's defaults (data.val_size, data.split_seed).
 VAL_SIZE = 5000

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from l2cluster.aggregate import export_experiment, group_jobs, settings_text
 from l2cluster.errors import NotFoundError
-from l2cluster.store import Store, job_dict, reading
+from l2cluster.results.aggregate import export_experiment, group_jobs, settings_text
+from l2cluster.results.store import Store, job_dict, reading
 
 __all__ = ["Experiment", "Records", "StoreReader", "open_store", "run", "submit"]
 
-# The statistics of a configuration (l2cluster.aggregate.Group), each as <name>_mean, _sd, _ci_low, _ci_high.
+# The statistics of a configuration (l2cluster.results.aggregate.Group), each as <name>_mean, _sd, _ci_low, _ci_high.
 _STATS = ("val_acc", "val_loss", "best_val_acc", "test_acc", "test_loss", "train_acc", "gap", "weight_norm")
 
 
@@ -58,7 +58,7 @@ def _is_number(v: Any) -> bool:
 
 
 def results_records(export: dict, by: Sequence[str] | None = None) -> Records:
-    """One record per configuration, as l2cluster.aggregate computes it (ranked by mean validation accuracy):
+    """One record per configuration, as l2cluster.results.aggregate computes it (ranked by mean validation accuracy):
     rank, name, label, settings, one column per grid setting, counts, and <metric>_mean/_sd/_ci_low/_ci_high for
     each statistic (accuracies as fractions, the gap in fraction points: train_acc − test_acc)."""
     rows = []
@@ -114,7 +114,7 @@ def call_coordinator(fn: str, *args, timeout: float | None = 60, restart_wait_s:
     `timeout` seconds or is gone."""
     import ray
 
-    from l2cluster.daemon import DaemonError, coordinator
+    from l2cluster.cluster.daemon import DaemonError, coordinator
 
     deadline = time.monotonic() + restart_wait_s
     while True:
@@ -152,13 +152,13 @@ class _Daemon:
         self.address = address
 
     def export(self, experiment_id: str, epochs: bool = True) -> dict:
-        from l2cluster.daemon import connect
+        from l2cluster.cluster.daemon import connect
 
         connect(self.address)
         return call_coordinator("export", experiment_id, epochs, timeout=300)
 
     def status(self, experiment_id: str) -> list[dict]:
-        from l2cluster.daemon import connect
+        from l2cluster.cluster.daemon import connect
 
         connect(self.address)
         return call_coordinator("status", experiment_id)
@@ -197,7 +197,7 @@ def follow(experiment_id: str, status: Callable[[], list[dict]], epochs_of: dict
     """Poll `status` (the experiment's jobs) until every job has ended, drawing progress to `stream` (None: quietly):
     redrawn in place on a terminal, a plain line per change elsewhere (a notebook, a log). `names`: job id → its
     configuration's name, for the display."""
-    from l2cluster.progress import Progress, ProgressDisplay
+    from l2cluster.results.progress import Progress, ProgressDisplay
 
     progress = Progress(epochs_of, names)
     display = ProgressDisplay(experiment_id, stream) if stream is not None else None
@@ -249,7 +249,7 @@ class Experiment:
     def results(self, by: Sequence[str] | None = None) -> Records:
         """One record per configuration, summarized over seeds and ranked by validation accuracy (see
         `results_records`); `by` groups by other fields instead, as `l2cluster results --by`."""
-        from l2cluster.aggregate import FieldError
+        from l2cluster.results.aggregate import FieldError
 
         try:
             return results_records(self._source.export(self.id), by)
@@ -265,7 +265,7 @@ class Experiment:
         return epochs_records(self._source.export(self.id))
 
     def export(self) -> dict:
-        """Everything stored about the experiment as one dict (l2cluster.aggregate.export_experiment)."""
+        """Everything stored about the experiment as one dict (l2cluster.results.aggregate.export_experiment)."""
         return self._source.export(self.id)
 
 
@@ -326,7 +326,7 @@ def spec_data(spec) -> tuple[dict, str]:
     for it in errors."""
     from pydantic import BaseModel
 
-    from l2cluster.loading import read_spec_file
+    from l2cluster.spec.loading import read_spec_file
 
     if isinstance(spec, (str, Path)):
         data, source = read_spec_file(spec), str(spec)
@@ -344,7 +344,7 @@ def submit(spec, *, address: str | None = None, priority: int = 0, rerun: bool =
     """Queue a spec's jobs on the running daemon (`address`, else RAY_ADDRESS, else the local daemon) and return
     the experiment at once; `.wait()` follows it. Jobs whose results the store already has are reused unless
     `rerun`. The daemon validates the spec with the plugins it loaded (a SpecError names each bad field)."""
-    from l2cluster.daemon import connect
+    from l2cluster.cluster.daemon import connect
     from l2cluster.registry import versions
 
     data, source = spec_data(spec)
@@ -369,7 +369,7 @@ def start_coordinator(store, **options):
 
     from ray.exceptions import RayActorError
 
-    from l2cluster import daemon
+    from l2cluster.cluster import daemon
 
     try:
         return daemon.start_coordinator(store, **options)
@@ -386,7 +386,7 @@ def embedded_coordinator(store: Path, *, num_cpus: int | None = None, say: Calla
     exit; `say` hears what is starting. Refuses a store that a running local daemon uses (two writers)."""
     import ray
 
-    from l2cluster import daemon
+    from l2cluster.cluster import daemon
 
     state = daemon.read_state()
     if state and daemon._alive(state["pid"]) and Path(state["store"]).resolve() == store:
@@ -429,7 +429,7 @@ def cluster_coordinator(address: str, store: Path, *, say: Callable[[str], None]
     the cluster the job runs on. This process disconnects on exit."""
     import ray
 
-    from l2cluster import daemon
+    from l2cluster.cluster import daemon
 
     where = "the Ray cluster this job runs on" if address == "auto" else f"the Ray cluster at {address}"
     say(f"connecting to {where} …")
@@ -477,8 +477,8 @@ def run(spec, *, store: str | Path | None = None, num_cpus: int | None = None, d
     False. Returns the experiment, read from the store file (from that daemon when it was a daemon's coordinator).
 
     `options` go to the coordinator: idle_release_s, strategy, checkpoint_dir, max_jobs, max_pack."""
-    from l2cluster import daemon
-    from l2cluster.loading import parse_spec
+    from l2cluster.cluster import daemon
+    from l2cluster.spec.loading import parse_spec
 
     data, source = spec_data(spec)
     parse_spec(data, load_plugins(plugin_dirs), source=source)  # a bad field is a SpecError before Ray starts

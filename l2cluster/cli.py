@@ -34,8 +34,8 @@ def _registry(args):
 
 
 def _load(args, registry):
-    from l2cluster.loading import load_spec
-    from l2cluster.sweep import expand
+    from l2cluster.spec.loading import load_spec
+    from l2cluster.spec.sweep import expand
 
     spec = load_spec(args.spec, registry)
     jobs = expand(spec, registry, max_jobs=args.max_jobs)
@@ -54,7 +54,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from l2cluster.config import spec_models
+    from l2cluster.spec.config import spec_models
 
     schema = spec_models(_registry(args)).experiment.model_json_schema()
     print(json.dumps(schema, indent=2))
@@ -110,14 +110,14 @@ def _type_name(annotation) -> str:
 def cmd_train(args) -> int:
     import torch
 
-    from l2cluster.data import load_mnist, split_mnist
     from l2cluster.ids import pack_id
     from l2cluster.log import configure_logging, get_logger
     from l2cluster.packing import group_into_packs, max_members, pack_key
-    from l2cluster.process import prepare_training_process
     from l2cluster.records import JobResult
-    from l2cluster.runner import Member, run_pack
-    from l2cluster.trainer import resolve_device
+    from l2cluster.training.data import load_mnist, split_mnist
+    from l2cluster.training.process import prepare_training_process
+    from l2cluster.training.runner import Member, run_pack
+    from l2cluster.training.trainer import resolve_device
 
     configure_logging()
     prepare_training_process()
@@ -189,8 +189,8 @@ def _daemon_call(fn, *args, **kwargs):
 
 
 def cmd_daemon(args) -> int:
-    from l2cluster import daemon
     from l2cluster.api import check_store, start_coordinator
+    from l2cluster.cluster import daemon
 
     if args.action == "start":
         address = args.address or os.environ.get("RAY_ADDRESS")
@@ -250,7 +250,7 @@ def cmd_submit(args) -> int:
 def cmd_watch(args) -> int:
     """Re-attach to an experiment on the daemon: its live progress until every job has finished, then the tables;
     exit code as `submit --wait` (1 if a job failed)."""
-    from l2cluster.daemon import connect
+    from l2cluster.cluster.daemon import connect
 
     connect(args.address)
     return _wait_and_report(args.experiment)  # an unknown experiment: an error naming the recent ones
@@ -293,9 +293,9 @@ def _output_width() -> int | None:
 def _final_tables(export: dict, width: int | None) -> str:
     """The per-job table and the ranked configurations, each at most `width` columns (None: no limit): the least
     needed columns are left out first (said under the table), then long names and errors are cut."""
-    from l2cluster.aggregate import group_jobs
-    from l2cluster.progress import fit_columns
-    from l2cluster.report import summary_rows, text_table
+    from l2cluster.results.aggregate import group_jobs
+    from l2cluster.results.progress import fit_columns
+    from l2cluster.results.report import summary_rows, text_table
 
     jobs = _results_table(export["jobs"], width)
     header, rows = summary_rows(group_jobs(export))
@@ -314,7 +314,7 @@ def _final_tables(export: dict, width: int | None) -> str:
 def _results_table(rows: list[dict], width: int | None = None) -> str:
     """One row per job, named as in the ranked table, accuracies in % like it; with `width`, fitted to that many
     columns (node and epochs left out first, then 8-digit job ids, then errors and names cut)."""
-    from l2cluster.progress import fit_columns
+    from l2cluster.results.progress import fit_columns
 
     out = []
     for r in rows:
@@ -337,7 +337,7 @@ def _results_table(rows: list[dict], width: int | None = None) -> str:
 
 def _configuration(job: dict) -> str:
     """A job's configuration named as the ranked table names its group (aggregate.Group.name)."""
-    from l2cluster.aggregate import settings_text, strength_axis
+    from l2cluster.results.aggregate import settings_text, strength_axis
 
     settings = settings_text(job["overrides"])
     if job["label"] and settings != "-":
@@ -361,7 +361,7 @@ def _error_cell(error: str | None, width: int = 60) -> str:
 
 
 def cmd_status(args) -> int:
-    from l2cluster.store import experiment_jobs, experiment_rows
+    from l2cluster.results.store import experiment_jobs, experiment_rows
 
     if args.experiment is None:
         experiments = _read(args, experiment_rows, lambda: _daemon_call("status"))
@@ -385,11 +385,11 @@ def _read(args, from_store, from_daemon):
     """What a read-only command shows: `from_store(store)` on the store file given with --store (no daemon, no
     Ray), else `from_daemon()`, asking the daemon's coordinator (works on any cluster)."""
     if getattr(args, "store", None):
-        from l2cluster.store import reading
+        from l2cluster.results.store import reading
 
         with reading(args.store) as store:
             return from_store(store)
-    from l2cluster.daemon import DaemonError, connect
+    from l2cluster.cluster.daemon import DaemonError, connect
 
     try:
         connect(args.address)
@@ -419,7 +419,7 @@ def _pack_cell(job: dict) -> str:
 
 
 def cmd_gangs(args) -> int:
-    from l2cluster.daemon import connect
+    from l2cluster.cluster.daemon import connect
 
     connect(args.address)
     gangs = _daemon_call("gangs_info")
@@ -435,7 +435,7 @@ def cmd_gangs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from l2cluster.daemon import connect
+    from l2cluster.cluster.daemon import connect
 
     connect(args.address)
     n = _daemon_call("cancel", args.target)
@@ -446,15 +446,15 @@ def cmd_cancel(args) -> int:
 def _exports(args, experiments: Sequence[str]) -> list[dict]:
     """The experiments' jobs with results and epochs: from the coordinator, or read straight from a store file with
     --store (no daemon needed, e.g. after `l2cluster run`)."""
-    from l2cluster.aggregate import export_experiment
+    from l2cluster.results.aggregate import export_experiment
 
     return _read(args, lambda store: [export_experiment(store, e) for e in experiments],
                  lambda: [_daemon_call("export", e, timeout=300) for e in experiments])
 
 
 def cmd_results(args) -> int:
-    from l2cluster.aggregate import FieldError, group_jobs
-    from l2cluster.report import render
+    from l2cluster.results.aggregate import FieldError, group_jobs
+    from l2cluster.results.report import render
 
     exports = _exports(args, args.experiments)
     if args.jobs:
@@ -480,7 +480,7 @@ def cmd_results(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from l2cluster.report import write_report
+    from l2cluster.results.report import write_report
 
     written = write_report(_exports(args, args.experiments), args.output)
     print(written["html"])
@@ -490,7 +490,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from l2cluster.export import ExportError, export_to
+    from l2cluster.results.export import ExportError, export_to
 
     if args.follow and args.format != "tensorboard":
         raise UserError("--follow writes TensorBoard runs as epochs arrive; use it with --format tensorboard")
@@ -509,7 +509,7 @@ def cmd_export(args) -> int:
 def _follow_tensorboard(args, export: dict) -> None:
     """Write the experiment's TensorBoard runs now, then every --interval seconds what is new (epochs, ended
     jobs), until every job has ended."""
-    from l2cluster.export import SUMMARY_METRICS, TensorBoardExport
+    from l2cluster.results.export import SUMMARY_METRICS, TensorBoardExport
     from l2cluster.states import JobState
 
     with TensorBoardExport(args.output, export, metrics=SUMMARY_METRICS) as tb:
@@ -522,7 +522,7 @@ def _follow_tensorboard(args, export: dict) -> None:
 
 
 def cmd_logs(args) -> int:
-    from l2cluster.store import job_log
+    from l2cluster.results.store import job_log
 
     info = _read(args, lambda store: job_log(store, args.job), lambda: _daemon_call("logs", args.job))
     if args.format == "json":
@@ -550,7 +550,7 @@ def cmd_logs(args) -> int:
 
 
 def cmd_store_backup(args) -> int:
-    from l2cluster.store import Store, default_store
+    from l2cluster.results.store import Store, default_store
 
     store = Store.open_read_only(args.store or default_store())
     try:
@@ -563,7 +563,7 @@ def cmd_store_backup(args) -> int:
 def cmd_store_check(args) -> int:
     """0: the store is healthy; 1: SQLite's integrity check found problems (listed on stdout); 2: not a store
     that can be opened (missing, another application's file, unreadable)."""
-    from l2cluster.store import Store, default_store
+    from l2cluster.results.store import Store, default_store
 
     store = Store.open_read_only(args.store or default_store())
     try:
@@ -586,9 +586,9 @@ def cmd_run(args) -> int:
     --address, RAY_ADDRESS or inside a Ray job: that cluster instead (l2cluster.api.run_coordinator)."""
     import ray
 
-    from l2cluster import daemon
     from l2cluster.api import run_coordinator
-    from l2cluster.loading import read_spec_file
+    from l2cluster.cluster import daemon
+    from l2cluster.spec.loading import read_spec_file
 
     spec = read_spec_file(args.spec)
     store = Path(args.store or daemon.default_store()).resolve()
@@ -735,9 +735,9 @@ def _format_option(p, formats=("table", "json", "csv")) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from l2cluster import __version__
-    from l2cluster.export import FORMATS as EXPORT_FORMATS
     from l2cluster.limits import DEFAULT_MAX_JOBS
-    from l2cluster.report import FORMATS
+    from l2cluster.results.export import FORMATS as EXPORT_FORMATS
+    from l2cluster.results.report import FORMATS
 
     summary, conventions = __doc__.split("\n\n")[:2]
     parser = argparse.ArgumentParser(prog="l2cluster", description=summary, epilog=conventions,

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from l2cluster.data import Splits
 from l2cluster.errors import L2ClusterError
 from l2cluster.plugin import Regularizer
 from l2cluster.states import Outcome
+from l2cluster.training.data import Splits
 
 _TOL = 1e-7  # relative: float64 numbers that differ only by summation order
 
@@ -142,7 +142,7 @@ def check_plugin(cls: type[Regularizer], settings: Sequence[Mapping] | None = No
 
 
 def _config(registry, name: str, setting: Mapping, *, seed: int, optimizer: Mapping | None, epochs: int = 2):
-    from l2cluster.config import spec_models
+    from l2cluster.spec.config import spec_models
 
     fields = {**_BASE, "seed": seed, "epochs": epochs, "regularizers": [{"name": name, **setting}]}
     if optimizer is not None:
@@ -151,7 +151,7 @@ def _config(registry, name: str, setting: Mapping, *, seed: int, optimizer: Mapp
 
 
 def _trainer(configs, registry, epochs: int | None = None):
-    from l2cluster.trainer import Trainer
+    from l2cluster.training.trainer import Trainer
 
     if epochs is not None:
         configs = [c.model_copy(update={"epochs": epochs}) for c in configs]

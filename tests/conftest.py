@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2cluster.data import MNIST_FILES, write_idx
+from l2cluster.training.data import MNIST_FILES, write_idx
 
 # `../shared` sits next to the repository root (tests/..).
 SHARED_MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"

@@ -102,7 +102,7 @@ def local_daemon(store, *, num_cpus: int, **options):
     """A new local Ray (127.0.0.1) with a coordinator on `store`, shut down on exit: {"store", "handle"}."""
     import ray
 
-    from l2cluster.daemon import start_coordinator, start_local_ray
+    from l2cluster.cluster.daemon import start_coordinator, start_local_ray
 
     start_local_ray(num_cpus=num_cpus)
     handle = start_coordinator(store, idle_release_s=300, detached=False, **options)

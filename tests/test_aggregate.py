@@ -12,7 +12,8 @@ import sqlite3
 import pytest
 from support import registry
 
-from l2cluster.aggregate import (
+from l2cluster.records import JobResult
+from l2cluster.results.aggregate import (
     FieldError,
     betainc,
     compare,
@@ -25,11 +26,10 @@ from l2cluster.aggregate import (
     t_quantile,
     welch,
 )
-from l2cluster.records import JobResult
-from l2cluster.report import render
+from l2cluster.results.report import render
+from l2cluster.results.store import Store, StoreError
 from l2cluster.spec import expand, parse_spec
 from l2cluster.states import JobState, Outcome
-from l2cluster.store import Store, StoreError
 
 
 # -- Student t ---------------------------------------------------------------------------------------------------

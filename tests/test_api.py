@@ -12,10 +12,10 @@ import sys
 import pytest
 
 from l2cluster import api
-from l2cluster.aggregate import t_quantile
 from l2cluster.errors import NotFoundError
+from l2cluster.results.aggregate import t_quantile
+from l2cluster.results.store import Store, StoreError
 from l2cluster.spec import SpecError
-from l2cluster.store import Store, StoreError
 
 SPEC = {"name": "api-test", "model": {"hidden_sizes": [16]}, "data": {"batch_size": 50, "val_size": 100},
         "optimizer": {"name": "adam", "lr": 0.01}, "epochs": 1, "regularizers": [{"name": "l2", "strength": 0.0}],

@@ -14,7 +14,7 @@ import pytest
 from support import run_cli, spec_file
 
 from l2cluster.cli import main
-from l2cluster.store import Store
+from l2cluster.results.store import Store
 
 TINY = {"model": {"hidden_sizes": [8]}, "data": {"batch_size": 50, "val_size": 100},
         "optimizer": {"name": "adam", "lr": 0.01}, "epochs": 1}

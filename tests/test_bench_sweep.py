@@ -10,8 +10,8 @@ import yaml
 from support import load_script, registry
 
 from l2cluster.cli import main
-from l2cluster.model import StackedMLP
 from l2cluster.spec import expand, parse_spec
+from l2cluster.training.model import StackedMLP
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "sweep_throughput.py"
 

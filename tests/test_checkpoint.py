@@ -7,8 +7,8 @@ import pytest
 import torch
 from support import config, params_of, registry, synthetic_splits
 
-from l2cluster.checkpoint import JobCheckpoints, remove_job
-from l2cluster.trainer import Trainer
+from l2cluster.training.checkpoint import JobCheckpoints, remove_job
+from l2cluster.training.trainer import Trainer
 
 JOB = "0123456789abcdef"
 

@@ -17,10 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from support import config, local_daemon, registry, synthetic_splits, wait_for
 
-from l2cluster.checkpoint import CheckpointWriteError, JobCheckpoints
 from l2cluster.ids import pack_id
 from l2cluster.records import JobResult
-from l2cluster.runner import Member, _resume, run_pack
+from l2cluster.training.checkpoint import CheckpointWriteError, JobCheckpoints
+from l2cluster.training.runner import Member, _resume, run_pack
 
 JOB = "0123456789abcdef"
 
@@ -213,9 +213,9 @@ def test_the_error_survives_pickling_across_processes():
 
 
 def test_a_note_changes_no_state_and_status_shows_the_latest_of_the_current_attempt(tmp_path):
+    from l2cluster.results.store import Store, experiment_jobs, job_log
     from l2cluster.spec import expand, parse_spec
     from l2cluster.states import JobState
-    from l2cluster.store import Store, experiment_jobs, job_log
 
     spec = {"name": "n", "optimizer": {"name": "adam"}, "epochs": 1, "sweep": {"seeds": [0, 1]}}
     jobs = expand(parse_spec(spec, registry()), registry())
@@ -247,7 +247,7 @@ def test_a_daemon_job_on_a_full_checkpoint_disk_succeeds_as_its_twin_and_says_wh
     import ray
 
     from l2cluster.cli import main
-    from l2cluster.store import Store
+    from l2cluster.results.store import Store
 
     def run(handle, name):
         exp = ray.get(handle.submit.remote({"name": name, **DAEMON_JOB}), timeout=60)["experiment"]

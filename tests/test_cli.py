@@ -19,8 +19,8 @@ from test_aggregate import OUTCOMES, SPEC, _fill
 from l2cluster import __version__
 from l2cluster.cli import COMMANDS, _subcommands, build_parser, main
 from l2cluster.log import configure_logging
+from l2cluster.results.store import Store
 from l2cluster.spec import expand, parse_spec
-from l2cluster.store import Store
 
 
 def _python(*args, env=None, **kwargs):

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from support import run_cli, wait_for
 
-from l2cluster.store import Store
+from l2cluster.results.store import Store
 
 pytestmark = pytest.mark.slow
 

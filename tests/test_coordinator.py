@@ -9,8 +9,8 @@ import pytest
 import ray
 from support import local_daemon
 
+from l2cluster.results.store import Store
 from l2cluster.states import JobState
-from l2cluster.store import Store
 
 pytestmark = pytest.mark.slow  # a local Ray, and a store of 60,000 jobs
 

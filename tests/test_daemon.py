@@ -17,7 +17,7 @@ import yaml
 from support import is_loopback, listening_sockets, local_daemon, process_tree, run_cli, spec_file, wait_for
 
 from l2cluster.cli import main
-from l2cluster.store import Store
+from l2cluster.results.store import Store
 
 pytestmark = pytest.mark.slow  # every test runs on a local Ray (one starts a daemon process)
 

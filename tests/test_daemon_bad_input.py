@@ -14,8 +14,8 @@ from spec_fuzz import broken_data_specs, names_field
 from support import local_daemon, spec_file
 
 from l2cluster.cli import main
+from l2cluster.results.store import Store
 from l2cluster.spec import SpecError
-from l2cluster.store import Store
 
 pytestmark = pytest.mark.slow  # every test runs on the module's local Ray
 

@@ -1,4 +1,4 @@
-"""Tests for l2cluster.data: IDX reading/writing, locating MNIST, loading and splitting."""
+"""Tests for l2cluster.training.data: IDX reading/writing, locating MNIST, loading and splitting."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2cluster.data import (
+from l2cluster.training.data import (
     MNIST_FILES,
     DataError,
     Mnist,

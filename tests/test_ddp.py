@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from support import config, params_of, registry, synthetic_splits
 
-from l2cluster.trainer import Trainer
+from l2cluster.training.trainer import Trainer
 
 # 330 examples at global batch 16: 21 steps, the last one of 10 examples (5 per rank).
 CFG = dict(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from support import run_cli, wait_for
 
-from l2cluster.daemon import _alive, session_processes
+from l2cluster.cluster.daemon import _alive, session_processes
 
 pytestmark = pytest.mark.slow
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2cluster.aggregate import export_experiment
 from l2cluster.cli import main
-from l2cluster.data import load_mnist, split_mnist
-from l2cluster.export import config_params, epoch_records, flatten, mlflow_uri, run_name
-from l2cluster.runner import Member, run_pack
+from l2cluster.results.aggregate import export_experiment
+from l2cluster.results.export import config_params, epoch_records, flatten, mlflow_uri, run_name
+from l2cluster.results.store import Store
 from l2cluster.spec import expand, experiment_id, parse_spec
-from l2cluster.store import Store
+from l2cluster.training.data import load_mnist, split_mnist
+from l2cluster.training.runner import Member, run_pack
 from tests.support import registry
 
 SPEC = {
@@ -149,7 +149,7 @@ def test_jsonl_one_object_per_line_with_settings_and_final_nested(stored):
 
 
 def test_jsonl_writes_non_finite_numbers_as_null(stored, tmp_path):
-    from l2cluster.export import write_jsonl
+    from l2cluster.results.export import write_jsonl
 
     export = json.loads(json.dumps(stored["export"]))
     export["jobs"][0]["epochs"][1]["train_loss"] = math.inf
@@ -387,7 +387,7 @@ def test_follow_is_for_tensorboard_only(stored, tmp_path):
 
 
 def test_importing_the_export_module_imports_neither_torch_nor_ray():
-    code = ("import sys, l2cluster.export; "
+    code = ("import sys, l2cluster.results.export; "
             "print(sorted(m for m in ('torch', 'ray', 'tensorboard', 'mlflow', 'pyarrow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

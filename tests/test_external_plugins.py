@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from l2cluster.store import Store
+from l2cluster.results.store import Store
 
 BUILTINS = Path(__file__).resolve().parents[1] / "plugins"
 PLUGINS = {"ext_label_smoothing": ("label_smoothing", "LabelSmoothing"), "ext_mixup": ("mixup", "Mixup"),
@@ -26,7 +26,7 @@ def _package(root: Path) -> Path:
     pkg.mkdir()
     for name, (builtin, _cls) in PLUGINS.items():
         source = (BUILTINS / f"{builtin}.py").read_text()
-        assert "from l2cluster.plugin import" in source and "l2cluster.trainer" not in source
+        assert "from l2cluster.plugin import" in source and "l2cluster.training.trainer" not in source
         renamed, n = re.subn(rf'name = "{builtin}"', f'name = "{name}"', source)
         assert n == 1
         (pkg / f"l2cluster_{name}.py").write_text(renamed)

@@ -15,8 +15,8 @@ import ray
 from ray.exceptions import RayActorError
 from support import call, finished, local_daemon, wait_for
 
+from l2cluster.results.store import Store
 from l2cluster.states import JobState
-from l2cluster.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -131,11 +131,11 @@ def test_an_attempt_that_resumes_reports_the_epochs_of_its_checkpoint(cluster, m
     """A rank saves epoch E's checkpoint before it reports epoch E, and a node can die in between (the loopback
     cluster test hit it): the attempt that resumes from such a checkpoint must still leave every epoch in the
     store. Here the checkpoint of epoch 2 exists before the job's first attempt, which has reported nothing."""
-    from l2cluster.checkpoint import JobCheckpoints
-    from l2cluster.data import load_mnist, split_mnist
     from l2cluster.registry import load_registry
     from l2cluster.spec import expand, parse_spec
-    from l2cluster.trainer import Trainer
+    from l2cluster.training.checkpoint import JobCheckpoints
+    from l2cluster.training.data import load_mnist, split_mnist
+    from l2cluster.training.trainer import Trainer
 
     registry = load_registry([])
     spec = {"name": "ft-ahead", **JOB}

@@ -11,8 +11,8 @@ import pytest
 import ray
 from ray.exceptions import RayActorError
 
-from l2cluster.daemon import start_local_ray
-from l2cluster.gang import Gang, GangShape
+from l2cluster.cluster.daemon import start_local_ray
+from l2cluster.cluster.gang import Gang, GangShape
 
 pytestmark = pytest.mark.slow
 

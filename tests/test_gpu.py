@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 from support import InfGradients, config, params_of, registry, registry_with, synthetic_splits
 
 from l2cluster.plugin import Regularizer
-from l2cluster.trainer import Trainer
+from l2cluster.training.trainer import Trainer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -260,7 +260,7 @@ def test_a_hook_that_cannot_be_captured_falls_back_to_eager_steps():
 def test_a_cuda_graph_run_resumed_from_a_checkpoint_ends_as_an_uninterrupted_one(tmp_path):
     """What the daemon does after a lost rank, on the GPU: the state saved after epoch 1 (graphs, dropout streams
     advanced by replays) is loaded by a new trainer, which captures its own graph and finishes identically."""
-    from l2cluster.checkpoint import JobCheckpoints
+    from l2cluster.training.checkpoint import JobCheckpoints
 
     splits = synthetic_splits(n_train=64 * 20 + 17)
     full = Trainer([config(**GRAPHABLE)], splits, registry(), device="cuda")

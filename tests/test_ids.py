@@ -7,9 +7,9 @@ from __future__ import annotations
 from support import registry
 
 from l2cluster.ids import experiment_id, job_id, pack_id
-from l2cluster.loading import parse_spec
 from l2cluster.packing import stack_key
-from l2cluster.sweep import expand
+from l2cluster.spec.loading import parse_spec
+from l2cluster.spec.sweep import expand
 
 SPEC = {"name": "pinned", "epochs": 2, "model": {"hidden_sizes": [32]}, "optimizer": {"name": "adamw", "lr": 0.001},
         "sweep": {"seeds": [0, 1], "grid": {"optimizer.lr": [0.001, 0.01]}}}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from support import is_loopback
 
-from l2cluster.gang import interface_of, ipv4_addresses
+from l2cluster.cluster.gang import interface_of, ipv4_addresses
 
 pytestmark = pytest.mark.slow
 

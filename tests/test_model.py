@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from l2cluster import model as model_module
-from l2cluster.model import StackedMLP, _PerMemberLinear
+from l2cluster.training import model as model_module
+from l2cluster.training.model import StackedMLP, _PerMemberLinear
 
 
 def _layer_inputs(K, requires_x_grad=True):

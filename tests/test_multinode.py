@@ -9,8 +9,8 @@ import yaml
 from ray.cluster_utils import Cluster
 
 from l2cluster.cli import main
-from l2cluster.daemon import start_coordinator
-from l2cluster.store import Store
+from l2cluster.cluster.daemon import start_coordinator
+from l2cluster.results.store import Store
 
 pytestmark = pytest.mark.slow
 

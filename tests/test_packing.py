@@ -25,9 +25,9 @@ from l2cluster.packing import (
 from l2cluster.plugin import Regularizer
 from l2cluster.records import JobResult
 from l2cluster.registry import Registry, load_builtins
-from l2cluster.runner import Member, run_pack
 from l2cluster.states import Outcome
-from l2cluster.trainer import Trainer
+from l2cluster.training.runner import Member, run_pack
+from l2cluster.training.trainer import Trainer
 
 # 330 examples at batch 32: 11 steps an epoch (the last one short), 3 epochs.
 BASE = dict(model={"hidden_sizes": [24, 12], "dtype": "float64"}, data={"batch_size": 32, "val_size": 64},

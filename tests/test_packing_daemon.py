@@ -11,8 +11,8 @@ import signal
 import pytest
 from support import call, finished, local_daemon, wait_for
 
+from l2cluster.results.store import Store
 from l2cluster.states import JobState
-from l2cluster.store import Store
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from support import config, registry_with, synthetic_splits
 
 from l2cluster.plugin import HookError, Regularizer
 from l2cluster.testing import PluginCheckError, check_plugin
-from l2cluster.trainer import Trainer
+from l2cluster.training.trainer import Trainer
 
 SMALL = dict(data={"batch_size": 16, "val_size": 64}, epochs=1, model={"hidden_sizes": [12, 8], "dtype": "float64"})
 

@@ -14,7 +14,7 @@ from support import AtStep, InfPenalty, NanPenalty, config, params_of, synthetic
 
 from l2cluster.plugin import Regularizer
 from l2cluster.registry import Registry, load_builtins
-from l2cluster.trainer import Trainer
+from l2cluster.training.trainer import Trainer
 
 NAN = float("nan")
 # 320 training examples at batch 32: 10 steps per epoch.

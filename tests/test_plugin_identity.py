@@ -16,9 +16,9 @@ import l2cluster
 from l2cluster.cli import _error_cell, main
 from l2cluster.records import JobResult
 from l2cluster.registry import PluginChangedError, check_unchanged, current_version, load_registry
+from l2cluster.results.store import SCHEMA_VERSION, Store, job_dict
 from l2cluster.spec import expand, experiment_id, identity, parse_spec
 from l2cluster.states import JobState, Outcome
-from l2cluster.store import SCHEMA_VERSION, Store, job_dict
 
 SHRINK = '''
 from pydantic import BaseModel, ConfigDict

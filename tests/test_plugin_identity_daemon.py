@@ -13,7 +13,7 @@ from support import local_daemon, spec_file
 from test_plugin_identity import RAISES, SHRINK
 
 from l2cluster.cli import main
-from l2cluster.store import Store
+from l2cluster.results.store import Store
 
 pytestmark = pytest.mark.slow
 

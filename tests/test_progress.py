@@ -15,9 +15,9 @@ import yaml
 from support import config, local_daemon, registry, wait_for
 from test_aggregate import SPEC, _fill
 
-from l2cluster.aggregate import export_experiment
 from l2cluster.cli import _final_tables, _results_table, main
-from l2cluster.progress import (
+from l2cluster.results.aggregate import export_experiment
+from l2cluster.results.progress import (
     Progress,
     ProgressDisplay,
     bar,
@@ -27,9 +27,9 @@ from l2cluster.progress import (
     running_text,
     summary_line,
 )
+from l2cluster.results.store import Store
 from l2cluster.spec import expand, parse_spec
 from l2cluster.states import Outcome
-from l2cluster.store import Store
 
 
 def job(name, state, epoch, seed=0, label="l2", overrides=None, live=None):
@@ -178,8 +178,8 @@ def test_format_duration():
 def test_the_runner_reports_every_step_of_every_epoch_on_rank_0_only():
     import torch
 
-    from l2cluster.runner import Member, run_pack
     from l2cluster.testing import synthetic_splits
+    from l2cluster.training.runner import Member, run_pack
 
     cfg = config(model={"hidden_sizes": [8]}, data={"batch_size": 100}, epochs=2)
     members = [Member("a" * 16, cfg), Member("b" * 16, cfg)]

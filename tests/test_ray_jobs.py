@@ -15,7 +15,7 @@ import pytest
 import yaml
 from test_cluster import LOOPBACK_JOIN, RAY, RayNode, free_port
 
-from l2cluster.store import Store
+from l2cluster.results.store import Store
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from support import InfGradients, config, params_of, registry, registry_with, sy
 
 from l2cluster.plugin import HyperParams, Regularizer, StackedRNG
 from l2cluster.registry import Registry, load_builtins
-from l2cluster.skipping import stacked_state
-from l2cluster.trainer import Trainer
+from l2cluster.training.skipping import stacked_state
+from l2cluster.training.trainer import Trainer
 
 # 320 examples at batch 16: one epoch is 20 optimizer steps.
 STEPS_20 = dict(data={"batch_size": 16, "val_size": 64}, epochs=1, model={"hidden_sizes": [32, 16], "dtype": "float64"})

@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from l2cluster.plugin import HyperParams, StackedRNG, TrainContext
 from l2cluster.testing import check_plugin
-from l2cluster.trainer import Trainer, derive_seed
+from l2cluster.training.trainer import Trainer, derive_seed
 
 # 320 examples at batch 16: one epoch is 20 SGD steps.
 SETUP = dict(data={"batch_size": 16, "val_size": 64}, model={"hidden_sizes": [32, 16], "dtype": "float64"},

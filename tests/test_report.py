@@ -19,11 +19,11 @@ import yaml
 from PIL import Image
 from support import load_script
 
-from l2cluster.aggregate import export_experiment, group_jobs, summarize, welch
 from l2cluster.cli import main
-from l2cluster.daemon import start_coordinator, start_local_ray
-from l2cluster.report import axis_scale, baseline, grids_2d, varying_dynamics, write_report
-from l2cluster.store import Store
+from l2cluster.cluster.daemon import start_coordinator, start_local_ray
+from l2cluster.results.aggregate import export_experiment, group_jobs, summarize, welch
+from l2cluster.results.report import axis_scale, baseline, grids_2d, varying_dynamics, write_report
+from l2cluster.results.store import Store
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "report_screenshot.py"
 

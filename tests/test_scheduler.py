@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from l2cluster.scheduler import (
+from l2cluster.cluster.scheduler import (
     Cluster,
     Fail,
     GangShape,
@@ -121,7 +121,7 @@ def test_only_the_first_blocked_job_reserves():
 def test_the_starvation_test_fails_without_the_reservation(reserve, monkeypatch):
     """The control: with the reservation switched off (a blocked job reserves nothing), the small jobs take the
     free CPUs — what the starvation test above would catch."""
-    import l2cluster.scheduler as scheduler
+    import l2cluster.cluster.scheduler as scheduler
 
     if not reserve:
         monkeypatch.setattr(scheduler.Resources, "capped", lambda self, limit: scheduler.Resources())

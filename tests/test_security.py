@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from support import registry
 
 from l2cluster.cli import main
+from l2cluster.results.store import Store
 from l2cluster.spec import SpecError, _SpecLoader, expand, parse_spec, read_spec_file, safe_component, spec_models
-from l2cluster.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"name": "t", "optimizer": {"name": "adam"}}
@@ -132,7 +132,7 @@ def _calls(path: Path, module: str, functions: set[str]) -> list[ast.Call]:
             and isinstance(node.func.value, ast.Name) and node.func.value.id == module]
 
 
-SOURCES = [*ROOT.glob("l2cluster/*.py"), *ROOT.glob("plugins/*.py"), *ROOT.glob("bench/*.py")]
+SOURCES = [*ROOT.glob("l2cluster/**/*.py"), *ROOT.glob("plugins/*.py"), *ROOT.glob("bench/*.py")]
 
 
 def test_yaml_is_only_ever_read_with_a_safe_loader():

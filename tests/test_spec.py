@@ -13,9 +13,9 @@ import yaml
 from support import InfGradients, config, registry, registry_with, run_cli
 
 from l2cluster.cli import main
-from l2cluster.config import TrainConfig, spec_models
 from l2cluster.registry import Registry
 from l2cluster.spec import SpecError, count_jobs, expand, load_spec, parse_spec
+from l2cluster.spec.config import TrainConfig, spec_models
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_FILES = sorted((ROOT / "jobs").glob("*.y*ml")) + sorted((ROOT / "jobs").glob("*.json"))

@@ -12,9 +12,9 @@ from support import registry
 
 from l2cluster.packing import pack_key
 from l2cluster.records import JobResult
+from l2cluster.results.store import SCHEMA_VERSION, Store, StoreError, shape_json
 from l2cluster.spec import expand, parse_spec
 from l2cluster.states import TRANSITIONS, InvalidTransition, JobState, Outcome, check_transition
-from l2cluster.store import SCHEMA_VERSION, Store, StoreError, shape_json
 
 SPEC = {"name": "s", "optimizer": {"name": "adam"}, "epochs": 1,
         "sweep": {"seeds": [0, 1], "grid": {"optimizer.lr": [1e-3, 2e-3]}}}

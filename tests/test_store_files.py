@@ -20,7 +20,7 @@ from support import run_cli
 from test_store import SPEC, _jobs
 
 from l2cluster.api import open_store
-from l2cluster.store import APPLICATION_ID, SCHEMA_VERSION, Store, StoreError, checkpoint
+from l2cluster.results.store import APPLICATION_ID, SCHEMA_VERSION, Store, StoreError, checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPEC = "name: t\nmodel: {hidden_sizes: [8]}\noptimizer: {name: adam, lr: 0.01}\nepochs: 1\n"
@@ -75,7 +75,7 @@ def test_closing_the_writer_folds_the_log_into_store_db_even_while_a_reader_is_c
 
 
 def test_the_coordinators_shutdown_closes_the_store(tmp_path):
-    from l2cluster.coordinator import Coordinator
+    from l2cluster.cluster.coordinator import Coordinator
 
     path = tmp_path / "store.db"
     coordinator = object.__new__(Coordinator.__ray_actor_class__)  # its state, without a Ray actor around it
@@ -93,7 +93,7 @@ def test_checkpoint_folds_the_log_a_killed_writer_left(tmp_path):
     path = tmp_path / "store.db"
     Store(path).close()
     killed = subprocess.run([sys.executable, "-c", "import os, sys\nsys.path.insert(0, 'tests')\n"
-                             "from test_store import SPEC, _jobs\nfrom l2cluster.store import Store\n"
+                             "from test_store import SPEC, _jobs\nfrom l2cluster.results.store import Store\n"
                              f"Store({str(path)!r}).add_experiment('s-1', 's', SPEC, _jobs())\nos._exit(0)"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert killed.returncode == 0, killed.stderr
@@ -321,8 +321,8 @@ def test_a_store_in_a_read_only_folder_is_read_but_never_written(tmp_path):
 
 
 def test_store_commands_default_to_the_daemons_store(monkeypatch, tmp_path):
-    from l2cluster import daemon
-    from l2cluster.store import default_store as _default_store
+    from l2cluster.cluster import daemon
+    from l2cluster.results.store import default_store as _default_store
 
     monkeypatch.delenv("L2CLUSTER_HOME", raising=False)
     assert _default_store() == daemon.default_store()

@@ -13,10 +13,10 @@ from pydantic import BaseModel, ConfigDict
 from support import config, params_of, registry, synthetic_splits
 
 from l2cluster.cli import main
-from l2cluster.data import load_mnist, split_mnist
 from l2cluster.plugin import Regularizer
 from l2cluster.registry import Registry, load_builtins
-from l2cluster.trainer import Trainer, pack_key
+from l2cluster.training.data import load_mnist, split_mnist
+from l2cluster.training.trainer import Trainer, pack_key
 
 SMALL = dict(model={"hidden_sizes": [64, 32]}, data={"batch_size": 32, "val_size": 100}, epochs=3,
              optimizer={"name": "adam", "lr": 3e-3})
@@ -232,7 +232,7 @@ def test_a_checkpoint_from_another_stack_is_refused(tiny_splits):
 
 def test_evaluation_in_chunks_equals_one_pass(monkeypatch):
     """Evaluation splits examples × models into chunks to bound memory at large K; the numbers do not change."""
-    import l2cluster.trainer as trainer_module
+    import l2cluster.training.trainer as trainer_module
 
     trainer = Trainer([config(seed=s, model={"hidden_sizes": [16], "dtype": "float64"}) for s in (1, 2, 3)],
                       synthetic_splits(), registry(), device="cpu")

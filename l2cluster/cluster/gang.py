@@ -29,11 +29,11 @@ import torch.distributed as dist
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from l2cluster.data import Mnist, split_mnist
+from l2cluster.cluster.scheduler import GangShape  # the shape is the scheduler's (pure); gangs are made of it
 from l2cluster.log import configure_logging, get_logger
-from l2cluster.process import prepare_training_process
 from l2cluster.records import RankInfo, RankOutcome
-from l2cluster.scheduler import GangShape  # the shape is the scheduler's (pure); gangs are made of it
+from l2cluster.training.data import Mnist, split_mnist
+from l2cluster.training.process import prepare_training_process
 
 # Rank 0 tells the coordinator how far into the epoch its pack is at most this often (one small actor message).
 PROGRESS_EVERY_S = 2.0
@@ -112,8 +112,8 @@ class RankWorker:
         """Train one pack (one job: a pack of one) through the job runner; rank 0 reports each member's epochs
         and early results to the coordinator, any rank its notes (a checkpoint not written). Never raises: a crash
         is a result (RankOutcome.crashed)."""
-        from l2cluster.config import spec_models
-        from l2cluster.runner import Member, run_pack
+        from l2cluster.spec.config import spec_models
+        from l2cluster.training.runner import Member, run_pack
 
         self.cancel_all.clear()
         self.cancelled_jobs = set()

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from l2cluster.checkpoint import CheckpointWriteError, JobCheckpoints
-from l2cluster.config import TrainConfig
 from l2cluster.ids import pack_id as make_pack_id
 from l2cluster.plugin import HookError
 from l2cluster.records import EpochMetrics, JobResult
+from l2cluster.spec.config import TrainConfig
 from l2cluster.states import Outcome
-from l2cluster.trainer import RunResult, Trainer
+from l2cluster.training.checkpoint import CheckpointWriteError, JobCheckpoints
+from l2cluster.training.trainer import RunResult, Trainer
 
 
 @dataclass

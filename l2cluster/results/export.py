@@ -1,9 +1,9 @@
 """Exports: an experiment's per-epoch metrics and final results, out of the store into the files and tools researchers
 already use (TensorBoard, MLflow, CSV, Parquet, JSON Lines).
 
-Every writer works on the plain dict of l2cluster.aggregate.export_experiment (the one `results` and `report` use,
-from the store file or from the coordinator), so the numbers are the stored ones. Importing this module imports
-neither torch nor Ray; each writer imports its library (tensorboard, mlflow, pyarrow) when it runs.
+Every writer works on the plain dict of l2cluster.results.aggregate.export_experiment (the one `results` and
+`report` use, from the store file or from the coordinator), so the numbers are the stored ones. Importing this
+module imports neither torch nor Ray; each writer imports its library (tensorboard, mlflow, pyarrow) when it runs.
 
 The record of one job × epoch (`epoch_records`), the row of every file format:
     experiment, job, label, seed, state, group (the configuration: jobs that differ only by seed share it),

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from l2cluster.plugin import HookError
 
 if TYPE_CHECKING:
-    from l2cluster.trainer import Trainer
+    from l2cluster.training.trainer import Trainer
 
 _NO_EVENT = 2**62
 _EVENTS_PER_STEP = 100_000

@@ -3,16 +3,19 @@
 An experiment spec is a training config (model, data, optimizer, schedule, epochs, seed, regularizers, scaling)
 plus a name and a `sweep`. Each stage has its own module:
 
-- `l2cluster.config`: the pydantic models (the static `TrainConfig`, the registry's models: `spec_models`);
-- `l2cluster.spec_errors`: `SpecError` and its `Issue`s (field path + how to fix it);
-- `l2cluster.loading`: a YAML/JSON file into plain data, plain data into a validated spec;
-- `l2cluster.sweep`: a spec into its jobs;
+- `l2cluster.spec.config`: the pydantic models (the static `TrainConfig`, the registry's models: `spec_models`);
+- `l2cluster.spec.errors`: `SpecError` and its `Issue`s (field path + how to fix it);
+- `l2cluster.spec.loading`: a YAML/JSON file into plain data, plain data into a validated spec;
+- `l2cluster.spec.sweep`: a spec into its jobs;
 - `l2cluster.ids`: the ids of experiments, jobs, their seed groups and packs.
 """
 
 from __future__ import annotations
 
-from l2cluster.config import (
+from l2cluster.ids import NOT_IN_JOB_ID, experiment_id, identity
+from l2cluster.ids import job_id as job_digest
+from l2cluster.limits import DEFAULT_MAX_JOBS
+from l2cluster.spec.config import (
     MAX_SEED,
     NAME_RE,
     NUM_CLASSES,
@@ -38,10 +41,8 @@ from l2cluster.config import (
     safe_component,
     spec_models,
 )
-from l2cluster.ids import NOT_IN_JOB_ID, experiment_id, identity
-from l2cluster.ids import job_id as job_digest
-from l2cluster.limits import DEFAULT_MAX_JOBS
-from l2cluster.loading import (
+from l2cluster.spec.errors import Issue, SpecError, issues_from, plugin_problems, union_tags
+from l2cluster.spec.loading import (
     MAX_DEPTH,
     MAX_SPEC_BYTES,
     MAX_VALUES,
@@ -52,8 +53,7 @@ from l2cluster.loading import (
     read_spec_file,
     structure_issues,
 )
-from l2cluster.spec_errors import Issue, SpecError, issues_from, plugin_problems, union_tags
-from l2cluster.sweep import Job, PathError, count_jobs, expand, plugin_versions, set_path
+from l2cluster.spec.sweep import Job, PathError, count_jobs, expand, plugin_versions, set_path
 
 __all__ = [
     "DEFAULT_MAX_JOBS", "MAX_DEPTH", "MAX_SEED", "MAX_SPEC_BYTES", "MAX_VALUES", "NAME_RE", "NOT_IN_JOB_ID",

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from l2cluster import ids
-from l2cluster.config import TrainConfig, Variant, spec_models
 from l2cluster.errors import InputError
 from l2cluster.limits import DEFAULT_MAX_JOBS
-from l2cluster.loading import bools_as_numbers
-from l2cluster.spec_errors import Issue, SpecError, issues_from, plugin_problems, union_tags
+from l2cluster.spec.config import TrainConfig, Variant, spec_models
+from l2cluster.spec.errors import Issue, SpecError, issues_from, plugin_problems, union_tags
+from l2cluster.spec.loading import bools_as_numbers
 
 if TYPE_CHECKING:
     from l2cluster.registry import Registry  # only a type here: reading a spec loads no plugin code

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from l2cluster.errors import InputError
+from l2cluster.results.store import job_dict
 from l2cluster.states import TERMINAL_STATES, JobState
-from l2cluster.store import job_dict
 
 CONFIDENCE = 0.95
 # `--by` names that are not paths into the resolved config.

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from l2cluster.config import spec_models
-from l2cluster.spec_errors import Issue, SpecError, issues_from, plugin_problems, union_tags
+from l2cluster.spec.config import spec_models
+from l2cluster.spec.errors import Issue, SpecError, issues_from, plugin_problems, union_tags
 
 if TYPE_CHECKING:
     from l2cluster.registry import Registry  # only a type here: reading a spec loads no plugin code

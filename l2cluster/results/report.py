@@ -1,6 +1,6 @@
 """Presenting aggregated results: the results table in four formats, the plots, and the self-contained HTML report.
 
-Everything here reads `l2cluster.aggregate.Group`s; nothing is recomputed. Plots are drawn with matplotlib's
+Everything here reads `l2cluster.results.aggregate.Group`s; nothing is recomputed. Plots are drawn with matplotlib's
 object API on the Agg canvas (no display, no pyplot global state), imported only when a report is written.
 """
 
@@ -15,7 +15,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from l2cluster.aggregate import DYNAMICS_METRICS, Group, Stat, Welch, best, compare_tests, format_value, group_jobs
+from l2cluster.results.aggregate import (
+    DYNAMICS_METRICS,
+    Group,
+    Stat,
+    Welch,
+    best,
+    compare_tests,
+    format_value,
+    group_jobs,
+)
 
 FORMATS = ("table", "csv", "json", "markdown")
 _METRICS = ("val_acc", "val_loss", "best_val_acc", "test_acc", "test_loss", "train_acc", "gap", "weight_norm")

@@ -1,5 +1,5 @@
 """Reaching the daemon: connect to a Ray cluster (or start a local one on 127.0.0.1), start, find and stop the
-coordinator. `python -m l2cluster.daemon` is the long-lived host process of a local daemon: it owns the local
+coordinator. `python -m l2cluster.cluster.daemon` is the long-lived host process of a local daemon: it owns the local
 Ray head and the coordinator, and stops both (and nothing else) when it gets SIGTERM.
 """
 
@@ -22,7 +22,7 @@ import ray
 
 from l2cluster.errors import InputError
 from l2cluster.limits import DEFAULT_MAX_JOBS
-from l2cluster.store import checkpoint, default_store, home  # noqa: F401 (default_store: the daemon's store)
+from l2cluster.results.store import checkpoint, default_store, home  # noqa: F401 (default_store: the daemon's store)
 
 # The coordinator actor's name and namespace on the cluster: how every client finds the daemon.
 NAMESPACE = "l2cluster"
@@ -169,7 +169,7 @@ def start_coordinator(store: str | Path, *, plugin_dirs=(), data_dir: str | None
     """Create the named coordinator (or return the running one) and wait until it answers."""
     # On the head node: the store path is the head's, and the coordinator outlives any worker node.
     head = {"node:__internal_head__": 0.001} if "node:__internal_head__" in ray.cluster_resources() else {}
-    from l2cluster.coordinator import Coordinator  # imports torch: only where a coordinator is started
+    from l2cluster.cluster.coordinator import Coordinator  # imports torch: only where a coordinator is started
 
     # type-check: Ray's actor decorators are not typed
     handle = Coordinator.options(  # type: ignore[attr-defined]
@@ -186,7 +186,7 @@ def spawn_local_daemon(store: Path, *, plugin_dirs=(), data_dir: str | None, idl
                        num_cpus: int | None, strategy: str = "STRICT_PACK", checkpoint_dir: str | None = None,
                        max_jobs: int = DEFAULT_MAX_JOBS, max_pack: int | None = None,
                        timeout_s: float = 90.0) -> dict:
-    """Start `python -m l2cluster.daemon` in its own session and wait for it to publish its address."""
+    """Start `python -m l2cluster.cluster.daemon` in its own session and wait for it to publish its address."""
     if state := read_state():
         if _alive(state["pid"]):
             return state
@@ -194,8 +194,8 @@ def spawn_local_daemon(store: Path, *, plugin_dirs=(), data_dir: str | None, idl
     home().mkdir(parents=True, exist_ok=True)
     _state_file().unlink(missing_ok=True)
     ensure_auth_token()
-    cmd = [sys.executable, "-m", "l2cluster.daemon", "--store", str(store), "--idle-release-s", str(idle_release_s),
-           "--placement-strategy", strategy, "--max-jobs", str(max_jobs)]
+    cmd = [sys.executable, "-m", "l2cluster.cluster.daemon", "--store", str(store),
+           "--idle-release-s", str(idle_release_s), "--placement-strategy", strategy, "--max-jobs", str(max_jobs)]
     cmd += ["--data-dir", data_dir] if data_dir else []
     cmd += ["--num-cpus", str(num_cpus)] if num_cpus else []
     cmd += ["--max-pack", str(max_pack)] if max_pack else []
@@ -284,7 +284,7 @@ def _alive(pid: int) -> bool:
 
 def host_main(argv=None) -> int:
     """The local daemon's host process: Ray head + coordinator until SIGTERM."""
-    p = argparse.ArgumentParser(prog="python -m l2cluster.daemon")
+    p = argparse.ArgumentParser(prog="python -m l2cluster.cluster.daemon")
     p.add_argument("--store", required=True)
     p.add_argument("--data-dir")
     p.add_argument("--plugin-dir", action="append", default=[])

@@ -4,7 +4,7 @@ Queue order is priority, then submission. Jobs run concurrently up to what the c
 takes an idle gang of its shape, or a new gang when the cluster has room, together with the queued jobs of the
 same priority that may be packed with it (l2cluster.packing: one stacked model, up to the pack size the gang's
 device allows). Each tick gathers the queue (as packs), the gangs and the free resources, asks the pure
-l2cluster.scheduler.plan what to start, fail or release, and applies that. Scheduling reads only keys stored at
+l2cluster.cluster.scheduler.plan what to start, fail or release, and applies that. Scheduling reads only keys stored at
 submission; no config is validated per tick. Every state change goes through the store; the reads of `status`,
 `logs`, `results` and `export` run in a worker thread on a read-only connection, and the resources are asked of Ray
 in one, off the event loop. Idle gangs are released after
@@ -28,17 +28,27 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from l2cluster.checkpoint import remove_job
-from l2cluster.data import DataError
+from l2cluster.cluster.gang import Gang, remove_orphaned_placement_groups
+from l2cluster.cluster.scheduler import (
+    Cluster,
+    Fail,
+    GangShape,
+    GangView,
+    NewGang,
+    QueuedPack,
+    Release,
+    Resources,
+    plan,
+)
 from l2cluster.errors import NotFoundError
-from l2cluster.gang import Gang, remove_orphaned_placement_groups
 from l2cluster.ids import pack_id
 from l2cluster.log import configure_logging, get_logger
 from l2cluster.packing import ASSUMED_GPU_BYTES, group_into_packs, max_members
 from l2cluster.records import EpochMetrics, JobResult, RankOutcome
-from l2cluster.scheduler import Cluster, Fail, GangShape, GangView, NewGang, QueuedPack, Release, Resources, plan
+from l2cluster.results.store import Store, experiment_jobs, experiment_rows, job_dict, job_log
 from l2cluster.states import JobState, Outcome
-from l2cluster.store import Store, experiment_jobs, experiment_rows, job_dict, job_log
+from l2cluster.training.checkpoint import remove_job
+from l2cluster.training.data import DataError
 
 _TICK_S = 0.05
 _CRASH_GRACE_S = 10.0  # how long the other ranks may take to notice a crashed rank before the gang is dropped
@@ -135,9 +145,9 @@ class Coordinator:
         when a plugin the jobs use is not the code this daemon loaded. Returns the experiment id and the counts
         of its jobs: all, new, reused, rerun."""
         from l2cluster.ids import experiment_id
-        from l2cluster.loading import parse_spec
         from l2cluster.registry import check_unchanged
-        from l2cluster.sweep import expand
+        from l2cluster.spec.loading import parse_spec
+        from l2cluster.spec.sweep import expand
 
         self._ensure_loop()
         parsed = parse_spec(spec, self.registry, source=source)
@@ -178,8 +188,8 @@ class Coordinator:
 
     async def export(self, experiment_id: str, epochs: bool = True) -> dict:
         """An experiment's jobs with config, group key, result and per-epoch metrics, for `results` and `report`
-        (l2cluster.aggregate.export_experiment): the CLI may not see the store file on a remote cluster."""
-        from l2cluster.aggregate import export_experiment
+        (l2cluster.results.aggregate.export_experiment): the CLI may not see the store file on a remote cluster."""
+        from l2cluster.results.aggregate import export_experiment
 
         return await self._read(lambda store: export_experiment(store, experiment_id, epochs=epochs))
 
@@ -556,7 +566,7 @@ class Coordinator:
 
     def _load_mnist(self):
         if self.mnist_ref is None:
-            from l2cluster.data import load_mnist
+            from l2cluster.training.data import load_mnist
 
             m = load_mnist(self.data_dir)
             # Put once; every rank on a node then reads the same shared-memory copy (numpy is zero-copy).

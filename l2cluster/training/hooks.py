@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from l2cluster.config import TrainConfig
-from l2cluster.nonfinite import NoWatch, Watch
 from l2cluster.plugin import HookError, HyperParams, StackedRNG, TrainContext
 from l2cluster.registry import PluginInfo, Registry
+from l2cluster.spec.config import TrainConfig
+from l2cluster.training.nonfinite import NoWatch, Watch
 
 _HOOKS = ("on_batch", "on_activation", "example_penalty", "penalty", "on_gradients", "before_step", "after_step",
           "eval_params")

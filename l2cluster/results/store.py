@@ -205,7 +205,7 @@ class Store:
     # -- writes ---------------------------------------------------------------------------------------------
     def add_experiment(self, experiment_id: str, name: str, spec: dict, jobs: Iterable, *, priority: int = 0,
                        now: float | None = None) -> int:
-        """Record an experiment and queue its jobs (l2cluster.sweep.Job). Idempotent: jobs already in the store
+        """Record an experiment and queue its jobs (l2cluster.spec.sweep.Job). Idempotent: jobs already in the store
         (same id: same experiment name and config, from this or an earlier submission) keep their state and
         results and become part of this experiment too. Returns how many jobs are new."""
         now = time.time() if now is None else now

@@ -25,16 +25,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from l2cluster import graphs, skipping
-from l2cluster.config import TrainConfig
-from l2cluster.data import Splits
-from l2cluster.hooks import Hooks, Plugin
-from l2cluster.model import StackedMLP
-from l2cluster.nonfinite import blame, snapshot
 from l2cluster.packing import stack_key
 from l2cluster.plugin import HookError, StackedRNG, TrainContext, per_model_norm
 from l2cluster.registry import Registry
+from l2cluster.spec.config import TrainConfig
 from l2cluster.states import Outcome
+from l2cluster.training import graphs, skipping
+from l2cluster.training.data import Splits
+from l2cluster.training.hooks import Hooks, Plugin
+from l2cluster.training.model import StackedMLP
+from l2cluster.training.nonfinite import blame, snapshot
 
 _EVAL_ROWS = 65536  # examples × models per evaluation chunk: bounds the activations' memory at any K
 _NONFINITE_CHECK_EVERY = 50  # steps between divergence checks in one process (each check is a device sync)

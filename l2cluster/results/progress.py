@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from l2cluster.aggregate import settings_text
+from l2cluster.results.aggregate import settings_text
 from l2cluster.states import TERMINAL_STATES, JobState
 
 _MAX_RUNNING_SHOWN = 8
