@@ -73,3 +73,32 @@ def test_a_slow_store_read_does_not_hold_up_other_calls(tmp_path):
         assert len(jobs) == NUM_JOBS and {j["state"] for j in jobs} == {JobState.CANCELLED.value}
         # `logs` reads through a worker thread too, and answers as before.
         assert ray.get(handle.logs.remote(jobs[0]["job"]), timeout=60)["job"]["state"] == JobState.CANCELLED.value
+
+
+SWEEP_SEEDS = 1000  # × 5 strengths: 5,000 jobs, ~0.8 s to validate, expand and insert on one core
+
+
+def test_a_large_submit_does_not_hold_up_other_calls(tmp_path):
+    """A 5,000-job sweep is validated, expanded and stored in a worker thread: other calls are answered meanwhile.
+    The control, run by hand with that work back on the event loop: 1 ping was answered meanwhile (the first)."""
+    spec = {"name": "wide", "epochs": 1, "optimizer": {"name": "adam", "lr": 1e-3},
+            "regularizers": [{"name": "l2", "strength": 1e-4}],
+            # Two ranks on a one-CPU cluster: no job can ever be placed, so each fails from the queue untrained.
+            "scaling": {"num_workers": 2},
+            "sweep": {"seeds": list(range(SWEEP_SEEDS)),
+                      "grid": {"regularizers.0.strength": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]}}}
+    with local_daemon(tmp_path / "store.db", num_cpus=1) as cluster:
+        handle = cluster["handle"]
+        ray.get(handle.ping.remote(), timeout=60)
+        slow = handle.submit.remote(spec)
+        answered_meanwhile = 0
+        while True:
+            ray.get(handle.ping.remote(), timeout=60)
+            if ray.wait([slow], timeout=0)[0]:
+                break
+            answered_meanwhile += 1
+        out = ray.get(slow)
+        assert (out["jobs"], out["new"]) == (5 * SWEEP_SEEDS, 5 * SWEEP_SEEDS)
+        assert answered_meanwhile >= MIN_ANSWERED, "other calls waited for the submit: it held up the event loop"
+        # The jobs were stored by the worker thread's connection and are seen by the coordinator's own.
+        assert len(ray.get(handle.status.remote(out["experiment"]), timeout=120)) == 5 * SWEEP_SEEDS

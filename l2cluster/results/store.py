@@ -410,6 +410,19 @@ class Store:
     def events(self, job_id: str) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM events WHERE job_id = ? ORDER BY rowid", (job_id,)).fetchall()
 
+    def another_connection(self, *, timeout: float = 10.0) -> Store:
+        """A second writing connection to this store (already opened, so already checked and migrated), for a
+        large write in a worker thread: an SQLite connection belongs to the thread that made it. Writes of either
+        connection wait for the other's transaction (busy timeout). It closes without the WAL checkpoint, which
+        is the first writer's to do."""
+        other = Store.__new__(Store)
+        other.path, other._writer = self.path, False
+        other._db = sqlite3.connect(self.path, isolation_level=None, timeout=timeout)
+        other._db.row_factory = sqlite3.Row
+        other._db.execute("PRAGMA synchronous=NORMAL")
+        other._db.execute("PRAGMA foreign_keys=ON")
+        return other
+
     @classmethod
     def open_read_only(cls, path: str | Path, *, timeout: float = 10.0) -> Store:
         """An existing store opened for reading only (`results --store`, `report --store`): it never creates,
