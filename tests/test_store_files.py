@@ -79,7 +79,7 @@ def test_the_coordinators_shutdown_closes_the_store(tmp_path):
 
     path = tmp_path / "store.db"
     coordinator = object.__new__(Coordinator.__ray_actor_class__)  # its state, without a Ray actor around it
-    coordinator.store, coordinator.gangs, coordinator._loop_task = Store(path), {}, None
+    coordinator.store, coordinator.gangs, coordinator._loop_task, coordinator._releasing = Store(path), {}, None, set()
     coordinator.store.add_experiment("s-1", "s", SPEC, _jobs())
     reader = Store.open_read_only(path)
     assert experiments_in(path) == []
