@@ -1,9 +1,10 @@
 """The typed records that cross Ray between a gang's ranks and the coordinator (and that `train` prints).
 
 A rank describes itself with a `RankInfo`, and returns a `RankOutcome` from each run: a `JobResult` per member
-job, or the error of a crash. A `JobResult`
-is complete on every path — a crash or a refused plugin is `JobResult.failed(error)` — and becomes columns and JSON
-only where the store records it (`Store.finish`). Plain Python (no torch, no Ray): the results code imports it.
+job, or the error of a crash. A `JobResult` is complete on every path — a crash or a refused plugin is
+`JobResult.failed(error)` — and becomes columns and JSON only where the store records it (`Store.finish`). It is
+made from the trainer's `RunResult`, which a model fills in while it trains (and a checkpoint keeps), once the
+model has ended. Plain Python (no torch, no Ray): the results code imports it.
 """
 
 from __future__ import annotations

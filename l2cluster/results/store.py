@@ -22,7 +22,7 @@ from typing import Any
 from l2cluster.errors import InputError, NotFoundError
 from l2cluster.packing import pack_key
 from l2cluster.records import JobResult
-from l2cluster.states import JobState, Outcome, check_transition
+from l2cluster.states import JobState, check_transition
 
 SCHEMA_VERSION = 4
 
@@ -128,14 +128,11 @@ class Store:
             _create(self.path)
         try:
             _identify(self.path)  # before it is opened for writing: another application's file stays untouched
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=timeout)
-            self._db.row_factory = sqlite3.Row
+            self._db = _connect_writer(self.path, timeout)
             check = self._db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(_one_line(check))
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
             with self._tx():
                 for statement in _statements():  # not executescript(): it would commit mid-transaction
                     self._db.execute(statement)
@@ -316,7 +313,7 @@ class Store:
         is never recorded twice, and a job is never terminal without its result. The result's epochs, the run's
         whole per-epoch history, replace what was reported along the way (a report can be lost with a coordinator)
         under `attempt`."""
-        state = Outcome(result.outcome).state
+        state = result.outcome.state
         with self._tx() as db:
             if db.execute("SELECT 1 FROM results WHERE job_id = ?", (job_id,)).fetchone():
                 raise ValueError(f"job {job_id}: a result is already recorded")
@@ -417,10 +414,7 @@ class Store:
         is the first writer's to do."""
         other = Store.__new__(Store)
         other.path, other._writer = self.path, False
-        other._db = sqlite3.connect(self.path, isolation_level=None, timeout=timeout)
-        other._db.row_factory = sqlite3.Row
-        other._db.execute("PRAGMA synchronous=NORMAL")
-        other._db.execute("PRAGMA foreign_keys=ON")
+        other._db = _connect_writer(self.path, timeout)
         return other
 
     @classmethod
@@ -566,6 +560,15 @@ def _publish(tmp: Path, dest: Path) -> None:
         if dest.exists():
             raise FileExistsError(dest) from None
         os.rename(tmp, dest)
+
+
+def _connect_writer(path: Path, timeout: float) -> sqlite3.Connection:
+    """A writing connection with the settings every write of the store relies on (foreign keys, WAL-safe sync)."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=timeout)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
 
 
 def _connect_read_only(path: Path, timeout: float) -> sqlite3.Connection:

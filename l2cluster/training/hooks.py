@@ -45,6 +45,7 @@ class Hooks:
                  params: dict[str, torch.nn.Parameter], rng: StackedRNG, shared_rng: StackedRNG,
                  step: Callable[[], int], num_layers: int):
         self.ctx, self.params, self.K = ctx, params, ctx.num_models
+        self._param_list = list(params.values())  # the watch's view of them, made once (the dict never changes)
         self.num_layers = num_layers  # hidden layers of the model, offered to on_activation
         # Two random streams per model: this rank's own (activations: dropout), and one shared by the ranks for
         # what every rank must draw alike (the global batch's transforms, changes to the parameters).
@@ -203,7 +204,7 @@ class Hooks:
                 raise HookError(plug.name, "penalty",
                                 f"returned {describe(out)}; expected a tensor of shape ({self.K},), one per model")
             self._check_kind(plug, "penalty", out)
-            self.watch.made_nan(list(self.params.values()), out, plug.name,
+            self.watch.made_nan(self._param_list, out, plug.name,
                                 "penalty:returned NaN from finite parameters")
             terms.append((plug, out))
         return terms
@@ -213,9 +214,8 @@ class Hooks:
         """The on_gradients hooks, in order. Adds what they count to `counters` ([K] each) and returns the models
         whose step they skip ([K] bool), or None when no hook asked for a skip."""
         skip = None
-        params = list(self.params.values())
         for plug in self.with_hook["on_gradients"]:
-            with self.watch.in_place(plug.name, "on_gradients", {"gradients": grads, "parameters": params}):
+            with self.watch.in_place(plug.name, "on_gradients", {"gradients": grads, "parameters": self._param_list}):
                 out = self.call(plug, "on_gradients", ctx=ctx, epoch=epoch)
             for key, value in (out or {}).items():
                 if not isinstance(value, torch.Tensor) or value.shape != (self.K,):
@@ -230,15 +230,13 @@ class Hooks:
         return skip
 
     def before_step(self, lr: torch.Tensor, epoch: int, ctx: TrainContext) -> None:
-        params = list(self.params.values())
         for plug in self.with_hook["before_step"]:
-            with self.watch.in_place(plug.name, "before_step", {"parameters": params}):
+            with self.watch.in_place(plug.name, "before_step", {"parameters": self._param_list}):
                 self.call(plug, "before_step", ctx=ctx, lr=lr, epoch=epoch)
 
     def after_step(self, lr: torch.Tensor, epoch: int, ctx: TrainContext) -> None:
-        params = list(self.params.values())
         for plug in self.with_hook["after_step"]:
-            with self.watch.in_place(plug.name, "after_step", {"parameters": params}, only_stepped=True):
+            with self.watch.in_place(plug.name, "after_step", {"parameters": self._param_list}, only_stepped=True):
                 self.call(plug, "after_step", ctx=ctx, lr=lr, epoch=epoch)
 
     def eval_params(self) -> dict[str, torch.Tensor] | None:

@@ -111,6 +111,7 @@ class Trainer:
                                 dtype=self.dtype, device=self.device)
         self.model.reset_parameters([derive_seed(s, "init") for s in seeds])
         self.params: dict[str, torch.nn.Parameter] = dict(self.model.named_parameters())
+        self._param_list = list(self.params.values())  # the same, in order, for the step (made once)
         # Every rank draws the same permutation (the global batch), then takes its shard.
         self.order_gens = [torch.Generator().manual_seed(derive_seed(s, "order")) for s in seeds]
         # Two random streams per model: this rank's own (activations: dropout), and one shared by the ranks for
@@ -149,7 +150,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = cfg.model.tf32
         # Under CUDA graphs the optimizer's step count and lr live on the device (capturable), so one captured
         # step serves every step and every scheduled lr.
-        self.optimizer = cfg.optimizer.build(list(self.params.values()), capturable=self.graphs)
+        self.optimizer = cfg.optimizer.build(self._param_list, capturable=self.graphs)
         self.scheduler = cfg.schedule.build(self.optimizer, cfg.epochs)
         self.lr = graphs.DeviceLR(self.optimizer)
         self.captured = graphs.CapturedStep(self.optimizer, self.rng.generators + self.shared_rng.generators)
@@ -366,7 +367,7 @@ class Trainer:
         loss.sum().backward()  # models are independent: d(Σ_k loss_k)/dθ_k = d loss_k/dθ_k
         if self.distributed:
             self._all_reduce_grads()
-        params = list(self.params.values())
+        params = self._param_list
         # type-check: after backward every trained parameter has a gradient
         grads: list[torch.Tensor] = [p.grad for p in params]  # type: ignore[misc]
         with torch.no_grad():
@@ -434,7 +435,7 @@ class Trainer:
         # The only DDP communication of a step: sum the ranks' gradients in one flat buffer. Each rank's loss is
         # already scaled by 1/global_batch, so the sum is the gradient of the global-batch mean.
         # type-check: after backward every trained parameter has a gradient
-        grads: list[torch.Tensor] = [p.grad for p in self.params.values()]  # type: ignore[misc]
+        grads: list[torch.Tensor] = [p.grad for p in self._param_list]  # type: ignore[misc]
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
         offset = 0
